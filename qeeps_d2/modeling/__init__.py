@@ -1,0 +1,1 @@
+"""QEEPS model components; importing this module registers them with Detectron2."""
