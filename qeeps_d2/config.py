@@ -3,6 +3,78 @@ from detectron2.config import CfgNode as CN
 
 
 def add_qeeps_config(cfg):
-    """Add the QEEPS keys (``cfg.MODEL.QEEPS`` and friends) to a Detectron2 config, in place."""
+    """Add the QEEPS keys to a Detectron2 config, in place. Call before ``merge_from_file``."""
     _C = cfg
+
     _C.MODEL.QEEPS = CN()
+    # Dimension of the L2-normalised re-identification embedding (the OIM feature).
+    _C.MODEL.QEEPS.EMBED_DIM = 256
+    # Per-term loss weights (lambda_1..7 of the paper's Eq. 3; all 1 in the paper). Keys are the
+    # names in the loss dict: loss_cls, loss_box_reg, loss_rpn_cls, loss_rpn_loc, loss_oim,
+    # loss_qrpn, loss_sim. A term missing here has weight 1.
+    _C.MODEL.QEEPS.LOSS_WEIGHTS = CN(new_allowed=True)
+
+    # QSSE-Net (Sec. 4.1): query-guided Siamese squeeze-and-excitation in the BaseNet blocks.
+    _C.MODEL.QEEPS.QSSE = CN()
+    # Turn the QSSE blocks on (they need query-gallery pairs).
+    _C.MODEL.QEEPS.QSSE.ENABLED = False
+    # Backbone stages whose every residual block gets a QSSE excitation.
+    _C.MODEL.QEEPS.QSSE.STAGES = ["res2", "res3", "res4"]
+    # Reduction ratio r of the excitation bottleneck (2C -> 2C/r -> C).
+    _C.MODEL.QEEPS.QSSE.REDUCTION = 16
+
+    # QRPN (Sec. 4.2): query-guided objectness, summed per anchor with the stock RPN's.
+    _C.MODEL.QEEPS.QRPN = CN()
+    # Turn QRPN on (it needs query-gallery pairs).
+    _C.MODEL.QEEPS.QRPN.ENABLED = False
+    # Output size of the ROI pooling of the query box on the query's feature map.
+    _C.MODEL.QEEPS.QRPN.POOLER_RESOLUTION = 7
+    # Reduction ratio r of FC1 (C*P*P -> C/r) before FC2 (C/r -> C).
+    _C.MODEL.QEEPS.QRPN.REDUCTION = 16
+    # Anchors with IoU >= this with the query person in the gallery image are positives.
+    _C.MODEL.QEEPS.QRPN.POSITIVE_IOU = 0.6
+    # Anchors with IoU < this with EVERY person are negatives (other people are never negatives).
+    _C.MODEL.QEEPS.QRPN.NEGATIVE_IOU = 0.3
+    # Anchors sampled per gallery image for L_qrpn.
+    _C.MODEL.QEEPS.QRPN.BATCH_SIZE_PER_IMAGE = 128
+    # Target fraction of positives among the sampled anchors.
+    _C.MODEL.QEEPS.QRPN.POSITIVE_FRACTION = 0.5
+
+    # QSimNet (Sec. 4.3): (f_q - f_g)^2 -> BatchNorm -> FC -> 2-way softmax.
+    _C.MODEL.QEEPS.QSIMNET = CN()
+    # Turn QSimNet on; off, the similarity is the cosine of the embeddings.
+    _C.MODEL.QEEPS.QSIMNET.ENABLED = False
+    # At inference, detections with a ClsNet score below this are removed before the
+    # QSimNet-driven NMS (the paper's 10^-2).
+    _C.MODEL.QEEPS.QSIMNET.MIN_DET_SCORE = 0.01
+
+    # OIM loss (lookup table of labeled identities + circular queue of unlabeled features).
+    _C.MODEL.QEEPS.OIM = CN()
+    # Size of the lookup table = labeled training identities; 0 = read it from the first
+    # training data set (qeeps_d2.data.catalog.num_pids).
+    _C.MODEL.QEEPS.OIM.NUM_PIDS = 0
+    # Length of the circular queue of unlabeled features.
+    _C.MODEL.QEEPS.OIM.QUEUE_SIZE = 5000
+    # Scalar (1 / temperature) applied to the cosine similarities.
+    _C.MODEL.QEEPS.OIM.SCALAR = 30.0
+    # Momentum of the lookup-table update.
+    _C.MODEL.QEEPS.OIM.MOMENTUM = 0.5
+
+    # Training data: query-gallery pairs (used when any query-guidance switch is on).
+    _C.DATALOADER.PAIRS = CN()
+    # Gallery images sampled per query and epoch (-1 = every gallery image holding the query
+    # person, the CUHK-SYSU recipe; 3 for PRW).
+    _C.DATALOADER.PAIRS.GALLERIES_PER_QUERY = -1
+
+    # Person-search evaluation.
+    _C.TEST.PERSON_SEARCH = CN()
+    # CUHK-SYSU-style gallery size (50, 100, ..., -1 = whole pool); ignored by PRW.
+    _C.TEST.PERSON_SEARCH.GALLERY_SIZE = 100
+    # PRW cross-camera protocol (gallery restricted to other cameras).
+    _C.TEST.PERSON_SEARCH.CROSS_CAMERA = False
+    # Detections with a score below this are dropped before matching (reference: 0.5).
+    _C.TEST.PERSON_SEARCH.DET_THRESH = 0.5
+    # Evaluate only the first K queries (0 = all); results are labelled partial.
+    _C.TEST.PERSON_SEARCH.MAX_QUERIES = 0
+    # Images (or query-gallery pairs) per forward pass at inference.
+    _C.TEST.PERSON_SEARCH.BATCH_SIZE = 4

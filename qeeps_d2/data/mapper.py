@@ -1,0 +1,98 @@
+"""``PersonSearchMapper``: one Detectron2 mapper for every kind of person-search record.
+
+Record kinds (flat Detectron2-style dicts):
+- scene image: ``file_name`` [+ ``annotations`` with ``person_id``] -> ``image`` (+ ``instances``
+  with ``gt_boxes``, ``gt_classes``, ``gt_pids``);
+- query box: a scene image + ``query_box`` [x1, y1, x2, y2] (original pixels) -> ``query_box``
+  tensor in the transformed image's pixels;
+- pair: a gallery scene image + ``query_file_name`` + ``query_box`` [+ ``query_pid``] -> also
+  ``query_image`` and ``query_box`` (query-image pixels) and, in training,
+  ``instances.gt_is_query``. Both images get the same resize policy and the same flip.
+Every other record key (``query_index``, ``image_id`` ...) is passed through.
+"""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+
+from detectron2.data import DatasetMapper
+from detectron2.data import detection_utils as utils
+from detectron2.data import transforms as T
+
+__all__ = ["PersonSearchMapper"]
+
+
+def _to_tensor(image: np.ndarray) -> torch.Tensor:
+    return torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
+
+
+def _check_box(box, width: int, height: int, where: str) -> np.ndarray:
+    box = np.asarray(box, dtype=np.float64).reshape(4)
+    if not np.isfinite(box).all() or box[2] <= box[0] or box[3] <= box[1]:
+        raise ValueError(f"{where}: query box {box.tolist()} is empty or not x1<x2, y1<y2")
+    if box[0] < 0 or box[1] < 0 or box[2] > width + 1 or box[3] > height + 1:
+        raise ValueError(f"{where}: query box {box.tolist()} lies outside the {width}x{height} image")
+    return box
+
+
+class PersonSearchMapper(DatasetMapper):
+    """Detectron2's ``DatasetMapper`` extended to person ids, query boxes and image pairs.
+
+    Build it like the stock mapper: ``PersonSearchMapper(cfg, is_train)``.
+    """
+
+    def _read(self, file_name: str) -> np.ndarray:
+        return utils.read_image(file_name, format=self.image_format)
+
+    def __call__(self, record):
+        record = copy.deepcopy(record)
+        image = self._read(record["file_name"])
+        utils.check_image_size(record, image)
+        height, width = image.shape[:2]
+        record.setdefault("height", height)
+        record.setdefault("width", width)
+        aug_input = T.AugInput(image)
+        transforms = self.augmentations(aug_input)
+        record["image"] = _to_tensor(aug_input.image)
+        image_shape = aug_input.image.shape[:2]
+
+        if "query_file_name" in record:
+            flipped = any(isinstance(t, T.HFlipTransform) for t in transforms.transforms)
+            self._map_query_image(record, flipped)
+        elif "query_box" in record:
+            box = _check_box(record["query_box"], width, height, record["file_name"])
+            record["query_box"] = torch.as_tensor(transforms.apply_box(box[None])[0]).float()
+
+        annotations = record.pop("annotations", None)
+        if self.is_train and annotations is not None:
+            record["instances"] = self._instances(annotations, transforms, image_shape, record)
+        return record
+
+    def _map_query_image(self, record, flipped: bool) -> None:
+        image = self._read(record["query_file_name"])
+        height, width = image.shape[:2]
+        box = _check_box(record["query_box"], width, height, record["query_file_name"])
+        resize = [a for a in self.augmentations.augs if not isinstance(a, T.RandomFlip)]
+        aug_input = T.AugInput(image)
+        transforms = T.AugmentationList(resize)(aug_input)
+        image = aug_input.image
+        if flipped:
+            flip = T.HFlipTransform(image.shape[1])
+            transforms = T.TransformList(transforms.transforms + [flip])
+            image = flip.apply_image(image)
+        record["query_image"] = _to_tensor(image)
+        record["query_box"] = torch.as_tensor(transforms.apply_box(box[None])[0]).float()
+
+    def _instances(self, annotations, transforms, image_shape, record):
+        annos = [
+            utils.transform_instance_annotations(obj, transforms, image_shape)
+            for obj in annotations
+            if obj.get("iscrowd", 0) == 0
+        ]
+        instances = utils.annotations_to_instances(annos, image_shape)
+        instances.gt_pids = torch.tensor([a.get("person_id", -1) for a in annos], dtype=torch.int64)
+        if "query_pid" in record:
+            instances.gt_is_query = instances.gt_pids == int(record["query_pid"])
+        return utils.filter_empty_instances(instances)

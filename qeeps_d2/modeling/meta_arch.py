@@ -1,0 +1,161 @@
+"""The QEEPS meta-architecture: a Siamese Faster R-CNN (ResNet-C4) for person search.
+
+One network, weights shared by the query and gallery branches. With the three query-guidance
+switches (``MODEL.QEEPS.{QSSE,QRPN,QSIMNET}.ENABLED``) off it is the OIM baseline.
+
+Inputs (list of dicts, as produced by ``qeeps_d2.data.PersonSearchMapper``); three kinds:
+
+- gallery image: ``image`` (3, H, W), ``height``, ``width``, training ``instances`` with
+  ``gt_boxes``, ``gt_classes``, ``gt_pids``. Output ``{"instances": Instances}`` with
+  ``pred_boxes``, ``scores``, ``pred_classes``, ``pred_embeds`` (N, D).
+- query box (inference only): ``image`` + ``query_box`` (4,) XYXY in ``image`` pixels.
+  Output ``{"query_embed": (D,)}``.
+- pair: a gallery image as above plus ``query_image`` (3, Hq, Wq) and ``query_box`` (4,) in
+  ``query_image`` pixels; in training ``instances.gt_is_query`` marks the query person.
+  Output instances also carry ``pred_sims`` (N,) (QSimNet probability, or cosine without it).
+
+In pair mode the B gallery and B query images run as ONE backbone batch (gallery first), padded
+to a common size: that is the weight sharing, and it lets the QSSE blocks couple the branches.
+"""
+from __future__ import annotations
+
+from typing import Dict, List
+
+import torch
+
+from detectron2.config import configurable
+from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN
+from detectron2.structures import Boxes, ImageList
+
+__all__ = ["QEEPS"]
+
+
+@META_ARCH_REGISTRY.register()
+class QEEPS(GeneralizedRCNN):
+    """Siamese ``GeneralizedRCNN`` with query guidance (see the module docstring)."""
+
+    @configurable
+    def __init__(self, *, loss_weights: Dict[str, float], qsse: bool, **kwargs):
+        super().__init__(**kwargs)
+        self.loss_weights = dict(loss_weights)
+        self.qsse = qsse
+
+    @classmethod
+    def from_config(cls, cfg):
+        ret = super().from_config(cfg)
+        ret["loss_weights"] = {k.lower(): float(v) for k, v in cfg.MODEL.QEEPS.LOSS_WEIGHTS.items()}
+        ret["qsse"] = cfg.MODEL.QEEPS.QSSE.ENABLED
+        return ret
+
+    @property
+    def query_guided(self) -> bool:
+        """True when any query-guidance block is on: the model then searches in pair mode."""
+        return (
+            self.qsse
+            or getattr(self.proposal_generator, "enabled", False)
+            or getattr(self.roi_heads, "qsimnet", None) is not None
+        )
+
+    # ------------------------------------------------------------------ helpers
+    def _normalize(self, images: List[torch.Tensor]) -> List[torch.Tensor]:
+        return [(self._move_to_current_device(x) - self.pixel_mean) / self.pixel_std for x in images]
+
+    def _siamese_features(self, batched_inputs):
+        """Run gallery and query images of B pairs through the shared backbone.
+
+        Returns:
+            gallery ImageList, gallery features, query features, query boxes (list of B Boxes).
+        """
+        gallery = self._normalize([x["image"] for x in batched_inputs])
+        query = self._normalize([x["query_image"] for x in batched_inputs])
+        num = len(batched_inputs)
+        both = ImageList.from_tensors(
+            gallery + query,
+            self.backbone.size_divisibility,
+            padding_constraints=self.backbone.padding_constraints,
+        )
+        features = self.backbone(both.tensor, num_pairs=num if self.qsse else 0)
+        gallery_feats = {k: v[:num] for k, v in features.items()}
+        query_feats = {k: v[num:] for k, v in features.items()}
+        images = ImageList(both.tensor[:num], both.image_sizes[:num])
+        query_boxes = [
+            Boxes(torch.as_tensor(x["query_box"], dtype=torch.float32, device=self.device)[None])
+            for x in batched_inputs
+        ]
+        return images, gallery_feats, query_feats, query_boxes
+
+    def _weighted(self, losses: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        return {k: v * self.loss_weights.get(k, 1.0) for k, v in losses.items()}
+
+    # ------------------------------------------------------------------ training
+    def forward(self, batched_inputs: List[Dict]):
+        if not self.training:
+            return self.inference(batched_inputs)
+        gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
+        if "query_image" in batched_inputs[0]:
+            images, features, query_feats, query_boxes = self._siamese_features(batched_inputs)
+            query_embeds = self.roi_heads.embed_boxes(query_feats, query_boxes)
+            proposals, proposal_losses = self.proposal_generator(
+                images, features, gt_instances, query_features=query_feats, query_boxes=query_boxes
+            )
+            _, detector_losses = self.roi_heads(
+                images, features, proposals, gt_instances, query_embeds=query_embeds
+            )
+        else:
+            images = self.preprocess_image(batched_inputs)
+            features = self.backbone(images.tensor)
+            proposals, proposal_losses = self.proposal_generator(images, features, gt_instances)
+            _, detector_losses = self.roi_heads(images, features, proposals, gt_instances)
+        if self.vis_period > 0:
+            from detectron2.utils.events import get_event_storage
+
+            storage = get_event_storage()
+            if storage.iter % self.vis_period == 0:
+                self.visualize_training(batched_inputs, proposals)
+        return self._weighted({**proposal_losses, **detector_losses})
+
+    # ------------------------------------------------------------------ inference
+    def inference(self, batched_inputs: List[Dict], detected_instances=None, do_postprocess=True):
+        """Dispatch each input by kind (gallery image, query box, pair); outputs keep the order."""
+        if detected_instances is not None:
+            raise NotImplementedError("QEEPS does not support detected_instances")
+        kinds = ["pair" if "query_image" in x else "query" if "query_box" in x else "gallery"
+                 for x in batched_inputs]
+        outputs: List[Dict] = [None] * len(batched_inputs)
+        for kind, run in (("gallery", self._infer_gallery), ("query", self._infer_queries),
+                          ("pair", self._infer_pairs)):
+            idx = [i for i, k in enumerate(kinds) if k == kind]
+            if idx:
+                for i, out in zip(idx, run([batched_inputs[i] for i in idx], do_postprocess)):
+                    outputs[i] = out
+        return outputs
+
+    def _infer_gallery(self, batched_inputs, do_postprocess=True):
+        images = self.preprocess_image(batched_inputs)
+        features = self.backbone(images.tensor)
+        proposals, _ = self.proposal_generator(images, features, None)
+        results, _ = self.roi_heads(images, features, proposals, None)
+        if not do_postprocess:
+            return [{"instances": r} for r in results]
+        return self._postprocess(results, batched_inputs, images.image_sizes)
+
+    def _infer_queries(self, batched_inputs, do_postprocess=True):
+        images = self.preprocess_image(batched_inputs)
+        features = self.backbone(images.tensor)
+        boxes = [
+            Boxes(torch.as_tensor(x["query_box"], dtype=torch.float32, device=self.device)[None])
+            for x in batched_inputs
+        ]
+        embeds = self.roi_heads.embed_boxes(features, boxes)
+        return [{"query_embed": e} for e in embeds]
+
+    def _infer_pairs(self, batched_inputs, do_postprocess=True):
+        images, features, query_feats, query_boxes = self._siamese_features(batched_inputs)
+        query_embeds = self.roi_heads.embed_boxes(query_feats, query_boxes)
+        proposals, _ = self.proposal_generator(
+            images, features, None, query_features=query_feats, query_boxes=query_boxes
+        )
+        results, _ = self.roi_heads(images, features, proposals, None, query_embeds=query_embeds)
+        if not do_postprocess:
+            return [{"instances": r} for r in results]
+        return self._postprocess(results, batched_inputs, images.image_sizes)

@@ -1,0 +1,213 @@
+"""QSSE-Net (paper Sec. 4.1): query-guided Siamese squeeze-and-excitation in the ResNet BaseNet.
+
+The query and gallery branches share every weight, so both are run as ONE batch through one
+ResNet: ``x = cat([gallery (B), query (B)])``, pair ``i`` being rows ``i`` and ``B + i``. In every
+residual block of the chosen stages, the residual output ``U`` (before the shortcut is added) of
+both branches is squeezed by global average pooling, the two descriptors are concatenated and
+excited into one channel weight vector shared by both branches (Eq. 1)::
+
+    s = sigmoid(W2 relu(W1 [z_q, z_g]))        W1: 2C -> 2C/r,  W2: 2C/r -> C
+
+and the block output is ``relu(X + s * U)`` for both branches (Eq. 2, X = the shortcut).
+
+Blocks subclass Detectron2's ``BottleneckBlock`` / ``BasicBlock`` and keep their parameter names
+(``conv1/conv2/conv3/shortcut``), so model-zoo ResNet weights load unchanged; the new weights live
+under ``<block>.qsse.*`` and stay trainable even where ``FREEZE_AT`` freezes the convolutions.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import List
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from detectron2.layers import ShapeSpec
+from detectron2.modeling import BACKBONE_REGISTRY
+from detectron2.modeling.backbone.resnet import BasicBlock, BasicStem, BottleneckBlock, ResNet
+
+__all__ = [
+    "QuerySiameseExcitation",
+    "QSSEBottleneckBlock",
+    "QSSEBasicBlock",
+    "QSSEResNet",
+    "build_qsse_resnet_backbone",
+]
+
+
+class QuerySiameseExcitation(nn.Module):
+    """The excitation of Eq. 1: two descriptors in, one channel weight vector out.
+
+    Args:
+        channels: C, channels of the residual output U.
+        reduction: r; the hidden layer has ``max(2C // r, 1)`` units.
+    """
+
+    def __init__(self, channels: int, reduction: int = 16):
+        super().__init__()
+        hidden = max(2 * channels // reduction, 1)
+        self.fc1 = nn.Linear(2 * channels, hidden)
+        self.fc2 = nn.Linear(hidden, channels)
+
+    def forward(self, u: torch.Tensor, num_pairs: int) -> torch.Tensor:
+        """
+        Args:
+            u: (2B, C, H, W) residual outputs, gallery rows first then the B query rows.
+            num_pairs: B.
+        Returns:
+            (2B, C, 1, 1) channel weights s, identical for the two rows of a pair.
+        """
+        z = u.mean(dim=(2, 3))  # (2B, C)
+        z_g, z_q = z[:num_pairs], z[num_pairs:]
+        s = torch.sigmoid(self.fc2(F.relu(self.fc1(torch.cat([z_q, z_g], dim=1)))))  # (B, C)
+        return s.repeat(2, 1)[:, :, None, None]
+
+
+class _QSSEMixin:
+    """Shared logic of the QSSE blocks: ``num_pairs`` is set by :class:`QSSEResNet` per forward;
+    0 means "no pairing" and the block behaves exactly like the stock one."""
+
+    num_pairs: int = 0
+
+    def _init_qsse(self, reduction: int):
+        self.qsse = QuerySiameseExcitation(self.out_channels, reduction)
+
+    def _residual(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def forward(self, x):
+        if self.num_pairs == 0:
+            return super().forward(x)
+        if x.shape[0] != 2 * self.num_pairs:
+            raise ValueError(
+                f"QSSE block expects 2 x {self.num_pairs} images (gallery then query), "
+                f"got a batch of {x.shape[0]}"
+            )
+        u = self._residual(x)
+        shortcut = x if self.shortcut is None else self.shortcut(x)
+        return F.relu_(shortcut + self.qsse(u, self.num_pairs) * u)
+
+    def freeze(self):
+        """Freeze the convolutions like the stock block, but keep QSSE trainable."""
+        super().freeze()
+        for p in self.qsse.parameters():
+            p.requires_grad = True
+        return self
+
+
+class QSSEBottleneckBlock(_QSSEMixin, BottleneckBlock):
+    """``BottleneckBlock`` (1x1, 3x3, 1x1) with a QSSE excitation on its residual output."""
+
+    def __init__(self, in_channels, out_channels, *, qsse_reduction: int = 16, **kwargs):
+        super().__init__(in_channels, out_channels, **kwargs)
+        self._init_qsse(qsse_reduction)
+
+    def _residual(self, x):
+        out = F.relu_(self.conv1(x))
+        out = F.relu_(self.conv2(out))
+        return self.conv3(out)
+
+
+class QSSEBasicBlock(_QSSEMixin, BasicBlock):
+    """``BasicBlock`` (3x3, 3x3; ResNet-18/34) with a QSSE excitation on its residual output."""
+
+    def __init__(self, in_channels, out_channels, *, qsse_reduction: int = 16, **kwargs):
+        super().__init__(in_channels, out_channels, **kwargs)
+        self._init_qsse(qsse_reduction)
+
+    def _residual(self, x):
+        return self.conv2(F.relu_(self.conv1(x)))
+
+
+class QSSEResNet(ResNet):
+    """A ``ResNet`` whose forward takes the number of (gallery, query) pairs in the batch.
+
+    ``forward(x)`` is the stock single-stream forward; ``forward(x, num_pairs=B)`` runs the
+    Siamese forward on ``x = cat([gallery, query])`` of 2B images, coupling the branches in the
+    QSSE blocks (when there are any).
+    """
+
+    @property
+    def qsse_blocks(self) -> List[_QSSEMixin]:
+        return [m for m in self.modules() if isinstance(m, _QSSEMixin)]
+
+    @contextmanager
+    def _paired(self, num_pairs: int):
+        blocks = self.qsse_blocks
+        for b in blocks:
+            b.num_pairs = num_pairs
+        try:
+            yield
+        finally:
+            for b in blocks:
+                b.num_pairs = 0
+
+    def forward(self, x, num_pairs: int = 0):
+        with self._paired(num_pairs):
+            return super().forward(x)
+
+
+@BACKBONE_REGISTRY.register()
+def build_qsse_resnet_backbone(cfg, input_shape: ShapeSpec):
+    """Detectron2's ``build_resnet_backbone`` with QSSE blocks in ``MODEL.QEEPS.QSSE.STAGES``
+    (when ``MODEL.QEEPS.QSSE.ENABLED``); otherwise the stock ResNet (as a :class:`QSSEResNet`,
+    whose forward also accepts ``num_pairs``). Same parameter names as the stock builder."""
+    # fmt: off
+    norm                = cfg.MODEL.RESNETS.NORM
+    freeze_at           = cfg.MODEL.BACKBONE.FREEZE_AT
+    out_features        = cfg.MODEL.RESNETS.OUT_FEATURES
+    depth               = cfg.MODEL.RESNETS.DEPTH
+    num_groups          = cfg.MODEL.RESNETS.NUM_GROUPS
+    width_per_group     = cfg.MODEL.RESNETS.WIDTH_PER_GROUP
+    bottleneck_channels = num_groups * width_per_group
+    in_channels         = cfg.MODEL.RESNETS.STEM_OUT_CHANNELS
+    out_channels        = cfg.MODEL.RESNETS.RES2_OUT_CHANNELS
+    stride_in_1x1       = cfg.MODEL.RESNETS.STRIDE_IN_1X1
+    qsse_on             = cfg.MODEL.QEEPS.QSSE.ENABLED
+    qsse_stages         = set(cfg.MODEL.QEEPS.QSSE.STAGES)
+    qsse_reduction      = cfg.MODEL.QEEPS.QSSE.REDUCTION
+    # fmt: on
+    if any(cfg.MODEL.RESNETS.DEFORM_ON_PER_STAGE) or cfg.MODEL.RESNETS.RES5_DILATION != 1:
+        raise ValueError("QEEPS backbones support neither deformable convs nor a dilated res5")
+    unknown = qsse_stages - {"res2", "res3", "res4"}
+    if unknown:
+        raise ValueError(f"MODEL.QEEPS.QSSE.STAGES has unknown stages {sorted(unknown)}")
+    num_blocks_per_stage = {
+        18: [2, 2, 2, 2],
+        34: [3, 4, 6, 3],
+        50: [3, 4, 6, 3],
+        101: [3, 4, 23, 3],
+        152: [3, 8, 36, 3],
+    }[depth]
+    basic = depth in (18, 34)
+    if basic and out_channels != 64:
+        raise ValueError("MODEL.RESNETS.RES2_OUT_CHANNELS must be 64 for ResNet-18/34")
+
+    stem = BasicStem(in_channels=input_shape.channels, out_channels=in_channels, norm=norm)
+    max_stage = max(int(f[-1]) for f in out_features if f.startswith("res"))
+    stages = []
+    for idx, stage_idx in enumerate(range(2, max_stage + 1)):
+        name = f"res{stage_idx}"
+        stage_kargs = {
+            "num_blocks": num_blocks_per_stage[idx],
+            "stride_per_block": [1 if idx == 0 else 2] + [1] * (num_blocks_per_stage[idx] - 1),
+            "in_channels": in_channels,
+            "out_channels": out_channels,
+            "norm": norm,
+        }
+        with_qsse = qsse_on and name in qsse_stages
+        if basic:
+            stage_kargs["block_class"] = QSSEBasicBlock if with_qsse else BasicBlock
+        else:
+            stage_kargs["block_class"] = QSSEBottleneckBlock if with_qsse else BottleneckBlock
+            stage_kargs["bottleneck_channels"] = bottleneck_channels
+            stage_kargs["stride_in_1x1"] = stride_in_1x1
+            stage_kargs["num_groups"] = num_groups
+        if with_qsse:
+            stage_kargs["qsse_reduction"] = qsse_reduction
+        stages.append(ResNet.make_stage(**stage_kargs))
+        in_channels = out_channels
+        out_channels *= 2
+        bottleneck_channels *= 2
+    return QSSEResNet(stem, stages, out_features=out_features, freeze_at=freeze_at)

@@ -1,0 +1,194 @@
+"""The QEEPS ROI head: Detectron2's Res5 (C4) head plus the OIM re-id branch and QSimNet.
+
+Per proposal, res5 on the ROI-pooled res4 features, averaged to a (R, C5) vector, feeds
+- ClsNet + RegNet: the stock ``FastRCNNOutputLayers`` (``box_predictor``);
+- the ID net: ``reid_head`` (FC to D, L2-normalised) trained with the OIM loss on foreground
+  proposals (labeled ids to the lookup table, unlabeled people to the queue);
+- QSimNet (when enabled and a query is given): similarity of each proposal to the query person,
+  trained with a cross-entropy whose positives are the proposals matched to the query person.
+
+The query's own embedding comes from the same res5 + ``reid_head`` applied to the query box on
+the query branch's features (:meth:`QEEPSROIHeads.embed_boxes`).
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from detectron2.config import configurable
+from detectron2.layers import batched_nms
+from detectron2.modeling import ROI_HEADS_REGISTRY
+from detectron2.modeling.roi_heads import Res5ROIHeads
+from detectron2.structures import Boxes, Instances
+
+from .oim import OIMLoss
+from .qsimnet import QSimNet
+
+__all__ = ["ReIDHead", "QEEPSROIHeads"]
+
+
+class ReIDHead(nn.Module):
+    """The ID-Net embedding: (R, C) -> (R, D) L2-normalised."""
+
+    def __init__(self, in_channels: int, embed_dim: int):
+        super().__init__()
+        self.proj = nn.Linear(in_channels, embed_dim)
+        nn.init.normal_(self.proj.weight, std=0.01)
+        nn.init.constant_(self.proj.bias, 0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.proj(x), dim=1)
+
+
+def _cat_field(instances: List[Instances], name: str, fill: int) -> torch.Tensor:
+    """Concatenate an integer/bool field over images; images without it contribute ``fill``."""
+    parts = []
+    for x in instances:
+        if x.has(name):
+            parts.append(x.get(name).long())
+        else:
+            parts.append(torch.full((len(x),), fill, dtype=torch.long, device=x.gt_classes.device))
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+
+
+@ROI_HEADS_REGISTRY.register()
+class QEEPSROIHeads(Res5ROIHeads):
+    """``Res5ROIHeads`` with the OIM ID branch and the optional QSimNet.
+
+    Training inputs need ``gt_pids`` (>= 0 labeled, -1 unlabeled) on the targets and, for
+    QSimNet, ``gt_is_query`` (bool) marking the query person in each gallery image.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        reid_head: nn.Module,
+        oim_loss: nn.Module,
+        qsimnet: Optional[nn.Module] = None,
+        min_det_score: float = 0.01,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.reid_head = reid_head
+        self.oim_loss = oim_loss
+        self.qsimnet = qsimnet
+        self.min_det_score = min_det_score
+
+    @classmethod
+    def from_config(cls, cfg, input_shape):
+        ret = super().from_config(cfg, input_shape)
+        q = cfg.MODEL.QEEPS
+        channels = cfg.MODEL.RESNETS.RES2_OUT_CHANNELS * 8  # res5 output
+        num_pids = q.OIM.NUM_PIDS
+        if num_pids <= 0:
+            from qeeps_d2.data.catalog import num_pids as dataset_num_pids
+
+            if not cfg.DATASETS.TRAIN:
+                raise ValueError("MODEL.QEEPS.OIM.NUM_PIDS is 0 and DATASETS.TRAIN is empty")
+            num_pids = dataset_num_pids(cfg.DATASETS.TRAIN[0])
+        ret.update(
+            reid_head=ReIDHead(channels, q.EMBED_DIM),
+            oim_loss=OIMLoss(
+                num_pids,
+                q.OIM.QUEUE_SIZE,
+                emb_dim=q.EMBED_DIM,
+                scalar=q.OIM.SCALAR,
+                momentum=q.OIM.MOMENTUM,
+            ),
+            qsimnet=QSimNet(q.EMBED_DIM) if q.QSIMNET.ENABLED else None,
+            min_det_score=q.QSIMNET.MIN_DET_SCORE,
+        )
+        return ret
+
+    def box_features(self, features: Dict[str, torch.Tensor], boxes: List[Boxes]) -> torch.Tensor:
+        """(sum of boxes, C5): res5 on the pooled boxes, averaged over space."""
+        x = self._shared_roi_transform([features[f] for f in self.in_features], boxes)
+        return x.mean(dim=(2, 3))
+
+    def embed_boxes(self, features: Dict[str, torch.Tensor], boxes: List[Boxes]) -> torch.Tensor:
+        """Re-id embeddings (sum of boxes, D) of given boxes, e.g. the query boxes."""
+        return self.reid_head(self.box_features(features, boxes))
+
+    def forward(
+        self,
+        images,
+        features: Dict[str, torch.Tensor],
+        proposals: List[Instances],
+        targets: Optional[List[Instances]] = None,
+        query_embeds: Optional[torch.Tensor] = None,
+    ):
+        """
+        Args:
+            images, features, proposals, targets: as for ``Res5ROIHeads`` (B gallery images).
+            query_embeds: (B, D) embedding of each image's query (pair mode), or None.
+        Returns:
+            training: ([], losses) with loss_cls, loss_box_reg, loss_oim (+ loss_sim).
+            inference: (list of B Instances with pred_boxes, scores, pred_classes, pred_embeds
+            and, with a query, pred_sims), {}.
+        """
+        del images
+        if self.training:
+            if not targets:
+                raise ValueError("QEEPSROIHeads requires targets in training")
+            proposals = self.label_and_sample_proposals(proposals, targets)
+        feats = self.box_features(features, [p.proposal_boxes for p in proposals])
+        predictions = self.box_predictor(feats)
+        embeds = self.reid_head(feats)
+        if self.training:
+            return [], self._losses(predictions, embeds, proposals, query_embeds)
+        return self._inference(predictions, embeds, proposals, query_embeds), {}
+
+    def _losses(self, predictions, embeds, proposals, query_embeds) -> Dict[str, torch.Tensor]:
+        losses = self.box_predictor.losses(predictions, proposals)
+        gt_classes = torch.cat([p.gt_classes for p in proposals])
+        fg = (gt_classes >= 0) & (gt_classes < self.num_classes)
+        pids = _cat_field(proposals, "gt_pids", -1)
+        losses["loss_oim"] = self.oim_loss(embeds[fg], pids[fg])
+        if self.qsimnet is not None and query_embeds is not None:
+            image_index = torch.cat(
+                [torch.full((len(p),), i, device=embeds.device) for i, p in enumerate(proposals)]
+            )
+            labels = fg & _cat_field(proposals, "gt_is_query", 0).bool()
+            logits = self.qsimnet(query_embeds[image_index], embeds)
+            losses["loss_sim"] = F.cross_entropy(logits, labels.long())
+        return losses
+
+    def _inference(self, predictions, embeds, proposals, query_embeds) -> List[Instances]:
+        num_per_image = [len(p) for p in proposals]
+        if self.qsimnet is None or query_embeds is None:
+            results, kept = self.box_predictor.inference(predictions, proposals)
+            for res, keep, emb in zip(results, kept, embeds.split(num_per_image)):
+                res.pred_embeds = emb[keep]
+            if query_embeds is not None:
+                for res, q in zip(results, query_embeds):
+                    res.pred_sims = res.pred_embeds @ q
+            return results
+        # QSimNet mode: ClsNet only removes detections scoring < min_det_score; the query
+        # similarity ranks the rest and drives their NMS.
+        boxes = self.box_predictor.predict_boxes(predictions, proposals)
+        probs = self.box_predictor.predict_probs(predictions, proposals)
+        results = []
+        for i, p in enumerate(proposals):
+            emb = embeds.split(num_per_image)[i]
+            sims = self.qsimnet.similarity(query_embeds[i : i + 1], emb)
+            det = probs[i][:, 0]
+            bxs = Boxes(boxes[i][:, :4])
+            bxs.clip(p.image_size)
+            keep = torch.nonzero(
+                (det >= self.min_det_score) & torch.isfinite(bxs.tensor).all(dim=1)
+            ).squeeze(1)
+            keep = keep[batched_nms(bxs.tensor[keep], sims[keep], torch.zeros_like(keep),
+                                    self.box_predictor.test_nms_thresh)]
+            keep = keep[: self.box_predictor.test_topk_per_image]
+            res = Instances(p.image_size)
+            res.pred_boxes = bxs[keep]
+            res.scores = det[keep]
+            res.pred_classes = torch.zeros_like(keep)
+            res.pred_embeds = emb[keep]
+            res.pred_sims = sims[keep]
+            results.append(res)
+        return results
