@@ -78,3 +78,21 @@ def add_qeeps_config(cfg):
     _C.TEST.PERSON_SEARCH.MAX_QUERIES = 0
     # Images (or query-gallery pairs) per forward pass at inference.
     _C.TEST.PERSON_SEARCH.BATCH_SIZE = 4
+
+    # Schedule in epochs over the training records (images, or pairs for query-guided models):
+    # EPOCHS > 0 overrides SOLVER.MAX_ITER and SOLVER.STEPS, see resolve_epoch_schedule.
+    _C.SOLVER.EPOCHS = 0
+    # Epochs after which the learning rate is multiplied by SOLVER.GAMMA (the paper: (1,) of 2).
+    _C.SOLVER.EPOCH_STEPS = ()
+
+
+def resolve_epoch_schedule(cfg, num_records: int) -> None:
+    """Turn ``SOLVER.EPOCHS`` / ``SOLVER.EPOCH_STEPS`` into ``MAX_ITER`` / ``STEPS`` (in place).
+
+    One epoch is ``ceil(num_records / SOLVER.IMS_PER_BATCH)`` iterations. No-op when EPOCHS is 0.
+    """
+    if cfg.SOLVER.EPOCHS <= 0:
+        return
+    per_epoch = max(1, -(-num_records // cfg.SOLVER.IMS_PER_BATCH))
+    cfg.SOLVER.MAX_ITER = int(round(cfg.SOLVER.EPOCHS * per_epoch))
+    cfg.SOLVER.STEPS = tuple(int(round(e * per_epoch)) for e in cfg.SOLVER.EPOCH_STEPS)

@@ -1,0 +1,40 @@
+#!/usr/bin/env python
+"""Train and evaluate QEEPS / OIM person-search models (the Detectron2 way).
+
+    python projects/QEEPS/train_net.py --config-file configs/SynthPS/qeeps.yaml
+    python projects/QEEPS/train_net.py --config-file configs/SynthPS/qeeps.yaml --eval-only \
+        MODEL.WEIGHTS output/synthps/qeeps/model_final.pth
+"""
+from detectron2.engine import default_argument_parser, launch
+
+from qeeps_d2.checkpoint import QEEPSCheckpointer
+from qeeps_d2.engine import Trainer, setup_cfg
+
+
+def main(args):
+    cfg = setup_cfg(args.config_file, args.opts, args)
+    if args.eval_only:
+        model = Trainer.build_model(cfg)
+        QEEPSCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+            cfg.MODEL.WEIGHTS, resume=args.resume
+        )
+        return Trainer.test(cfg, model)
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()
+
+
+def invoke_main() -> None:
+    args = default_argument_parser().parse_args()
+    launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )
+
+
+if __name__ == "__main__":
+    invoke_main()  # pragma: no cover

@@ -1,0 +1,79 @@
+"""The person-search ``Trainer`` (a ``DefaultTrainer``) and config set-up shared by the CLIs."""
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from detectron2.config import get_cfg
+from detectron2.data import get_detection_dataset_dicts
+from detectron2.engine import DefaultTrainer, default_setup
+
+from qeeps_d2.config import add_qeeps_config, resolve_epoch_schedule
+from qeeps_d2.data.build import (
+    build_person_search_test_loader,
+    build_person_search_train_loader,
+    evaluated_queries,
+    load_test_protocol,
+    uses_pairs,
+)
+from qeeps_d2.data.pairs import build_pair_records
+
+__all__ = ["Trainer", "setup_cfg", "num_train_records"]
+
+logger = logging.getLogger(__name__)
+
+
+class Trainer(DefaultTrainer):
+    """``DefaultTrainer`` with person-search data loaders and the person-search evaluator."""
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        return build_person_search_train_loader(cfg)
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        return build_person_search_test_loader(cfg, dataset_name)
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        from qeeps_d2.evaluation.evaluator import PersonSearchEvaluator
+
+        protocol = load_test_protocol(cfg, dataset_name)
+        return PersonSearchEvaluator(
+            dataset_name,
+            protocol,
+            output_dir=output_folder or os.path.join(cfg.OUTPUT_DIR, "inference"),
+            det_thresh=cfg.TEST.PERSON_SEARCH.DET_THRESH,
+            query_indices=evaluated_queries(cfg, protocol),
+        )
+
+
+def num_train_records(cfg) -> int:
+    """Training records per epoch: images (OIM) or query-gallery pairs (query-guided)."""
+    dicts = get_detection_dataset_dicts(cfg.DATASETS.TRAIN, filter_empty=True)
+    if uses_pairs(cfg):
+        return len(build_pair_records(dicts, cfg.DATALOADER.PAIRS.GALLERIES_PER_QUERY))
+    return len(dicts)
+
+
+def setup_cfg(config_file: str, opts=(), args=None):
+    """get_cfg + add_qeeps_config + file + overrides, device fallback, epoch schedule, freeze.
+
+    With ``args`` (from ``default_argument_parser``) also runs Detectron2's ``default_setup``
+    (output dir, logging, environment dump, seeding).
+    """
+    cfg = get_cfg()
+    add_qeeps_config(cfg)
+    cfg.merge_from_file(config_file)
+    cfg.merge_from_list(list(opts))
+    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        logger.warning("MODEL.DEVICE is %s but CUDA is not available: using the CPU", cfg.MODEL.DEVICE)
+        cfg.MODEL.DEVICE = "cpu"
+    if cfg.SOLVER.EPOCHS > 0 and not (args is not None and args.eval_only):
+        resolve_epoch_schedule(cfg, num_train_records(cfg))
+    cfg.freeze()
+    if args is not None:
+        default_setup(cfg, args)
+    return cfg
