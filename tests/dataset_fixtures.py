@@ -135,3 +135,109 @@ def make_cuhk_sysu_fixture(root: str) -> dict:
         "queries": [(name, _xyxy(*box), k) for k, (name, box, _, _) in enumerate(_CUHK_QUERIES)],
         "galleries": galleries,
     }
+
+
+# ------------------------------------------------------------------------------------------------
+# PRW
+# ------------------------------------------------------------------------------------------------
+
+# frame -> (annotation key, rows [pid, x, y, w, h]); -2 = unlabeled.
+_PRW_TRAIN = {
+    "c1s1_000001": ("box_new", [[1, 10, 10, 20, 40], [-2, 50, 20, 15.5, 35.5]]),
+    "c2s1_000002": ("anno_file", [[932, 5, 5, 30, 60], [5, 60, 10, 25, 50]]),
+    "c6s1_000003": ("box_new", [[5, 0, 0, 20, 50]]),
+    "c1s1_000004": ("anno_previous", [[-2, 30, 20, 20, 40], [-2, 1, 1, 5, 8]]),  # only -2
+}
+_PRW_TEST = {
+    "c1s2_000010": ("box_new", [[7, 10, 10, 20, 50], [-2, 50, 10, 20, 50]]),
+    "c1s2_000011": ("anno_previous", [[9, 5, 5, 25, 60], [3, 60, 10, 20, 50]]),
+    "c2s2_000020": ("box_new", [[7, 10.6, 10.2, 20.5, 50.9], [7, 40, 10, 20, 50],
+                                [9, 70, 5, 20, 50]]),
+    "c3s3_000030": ("anno_file", [[7, -1.703, 20.5, 30.25, 50.75]]),  # negative x
+    "c6s2_000040": ("box_new", [[-2, 30, 30, 20, 40]]),  # only -2
+    "c2s2_000021": ("box_new", [[9, 20, 20, 20, 40], [3, 0, 0, 30, 60]]),
+}
+_PRW_ID_TRAIN = [1, 5, 932]
+# CRLF line endings as in the original; the third query has a negative x.
+_PRW_QUERY_INFO = ("7 10.0000 10.0000 20.0000 50.0000 c1s2_000010\r\n"
+                   "9 20.0000 20.0000 20.0000 40.0000 c2s2_000021\r\n"
+                   "7 -1.7030 20.5000 30.2500 50.7500 c3s3_000030\r\n")
+
+
+def make_prw_fixture(root: str) -> dict:
+    """Write a 10-frame PRW data set (4 train, 6 test frames, 3 queries) into ``root``.
+
+    Quirks covered: the three annotation keys, CRLF query lines, negative coordinates (clipped),
+    fractional coordinates (truncated after adding), a test frame holding the same pid twice,
+    frames with only -2 boxes, camera 6 frames of another size, non-contiguous train ids.
+
+    Returns:
+        dict with keys
+        ``root``;
+        ``image_sizes``: "<frame>.jpg" -> (height, width);
+        ``camera_ids``: "<frame>.jpg" -> camera;
+        ``train`` / ``test``: "<frame>.jpg" -> list of (xyxy, person_id), in frame-list order
+        (train ids remapped to 0..2 via ID_train, test ids raw, -1 unlabeled);
+        ``num_train_pids``: 3;
+        ``queries``: list of (image, xyxy, person_id, camera_id);
+        ``galleries``: "standard" / "cross_camera" -> per query the list of (image, xyxy or None).
+    """
+    os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
+    sizes = {}
+    for seed, (frame, (key, rows)) in enumerate({**_PRW_TRAIN, **_PRW_TEST}.items()):
+        sizes[f"{frame}.jpg"] = (72, 90) if frame.startswith("c6") else (80, 100)
+        _write_jpeg(os.path.join(root, "frames", f"{frame}.jpg"), *sizes[f"{frame}.jpg"], seed)
+        scipy.io.savemat(os.path.join(root, "annotations", f"{frame}.jpg.mat"),
+                         {key: np.array(rows, dtype=np.float64)})
+    for split, frames in (("train", _PRW_TRAIN), ("test", _PRW_TEST)):
+        cells = np.empty((len(frames), 1), dtype=object)
+        for i, frame in enumerate(frames):
+            cells[i, 0] = np.array([frame])
+        scipy.io.savemat(os.path.join(root, f"frame_{split}.mat"), {f"img_index_{split}": cells})
+    scipy.io.savemat(os.path.join(root, "ID_train.mat"),
+                     {"ID_train": np.array([_PRW_ID_TRAIN], dtype=np.float64)})
+    with open(os.path.join(root, "query_info.txt"), "w", newline="") as f:
+        f.write(_PRW_QUERY_INFO)
+
+    test_frames = [f"{frame}.jpg" for frame in _PRW_TEST]
+
+    def gallery(query_frame, positives, cross_camera):
+        cam = query_frame[1]
+        return [(name, positives.get(name)) for name in test_frames
+                if name != query_frame and not (cross_camera and name[1] == cam)]
+
+    positives = [
+        {"c2s2_000020.jpg": [10.0, 10.0, 31.0, 61.0], "c3s3_000030.jpg": [0.0, 20.0, 30.0, 71.0]},
+        {"c1s2_000011.jpg": [5.0, 5.0, 30.0, 65.0], "c2s2_000020.jpg": [70.0, 5.0, 90.0, 55.0]},
+        {"c1s2_000010.jpg": [10.0, 10.0, 30.0, 60.0], "c2s2_000020.jpg": [10.0, 10.0, 31.0, 61.0]},
+    ]
+    query_frames = ["c1s2_000010.jpg", "c2s2_000021.jpg", "c3s3_000030.jpg"]
+    return {
+        "root": root,
+        "image_sizes": sizes,
+        "camera_ids": {name: int(name[1]) for name in sizes},
+        "train": {
+            "c1s1_000001.jpg": [([10.0, 10.0, 30.0, 50.0], 0), ([50.0, 20.0, 65.0, 55.0], -1)],
+            "c2s1_000002.jpg": [([5.0, 5.0, 35.0, 65.0], 2), ([60.0, 10.0, 85.0, 60.0], 1)],
+            "c6s1_000003.jpg": [([0.0, 0.0, 20.0, 50.0], 1)],
+            "c1s1_000004.jpg": [([30.0, 20.0, 50.0, 60.0], -1), ([1.0, 1.0, 6.0, 9.0], -1)],
+        },
+        "test": {
+            "c1s2_000010.jpg": [([10.0, 10.0, 30.0, 60.0], 7), ([50.0, 10.0, 70.0, 60.0], -1)],
+            "c1s2_000011.jpg": [([5.0, 5.0, 30.0, 65.0], 9), ([60.0, 10.0, 80.0, 60.0], 3)],
+            "c2s2_000020.jpg": [([10.0, 10.0, 31.0, 61.0], 7), ([40.0, 10.0, 60.0, 60.0], 7),
+                                ([70.0, 5.0, 90.0, 55.0], 9)],
+            "c3s3_000030.jpg": [([0.0, 20.0, 30.0, 71.0], 7)],
+            "c6s2_000040.jpg": [([30.0, 30.0, 50.0, 70.0], -1)],
+            "c2s2_000021.jpg": [([20.0, 20.0, 40.0, 60.0], 9), ([0.0, 0.0, 30.0, 60.0], 3)],
+        },
+        "num_train_pids": 3,
+        "queries": [("c1s2_000010.jpg", [10.0, 10.0, 30.0, 60.0], 7, 1),
+                    ("c2s2_000021.jpg", [20.0, 20.0, 40.0, 60.0], 9, 2),
+                    ("c3s3_000030.jpg", [0.0, 20.0, 30.0, 71.0], 7, 3)],
+        "galleries": {
+            mode: [gallery(frame, pos, mode == "cross_camera")
+                   for frame, pos in zip(query_frames, positives)]
+            for mode in ("standard", "cross_camera")
+        },
+    }

@@ -1,4 +1,4 @@
-"""CUHK-SYSU writer, reader and protocol on a tiny official-format fixture (tests/dataset_fixtures.py)."""
+"""CUHK-SYSU writer, reader and protocol on a tiny official-format fixture (dataset_fixtures)."""
 import logging
 import os
 

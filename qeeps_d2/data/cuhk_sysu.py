@@ -5,7 +5,8 @@ Layout under ``root`` (datasets-and-protocols.md section 1)::
     Image/SSM/s<N>.jpg
     annotation/Images.mat                       'Img'  (1, N) struct (imname, nAppear, box)
     annotation/pool.mat                         'pool' cell of the test image names
-    annotation/test/train_test/Train.mat        'Train' cell of (1, 1) structs (idname, nAppear, scene)
+    annotation/test/train_test/Train.mat        'Train' cell of (1, 1) structs
+                                                (idname, nAppear, scene)
     annotation/test/train_test/TestG<N>.mat     'TestG<N>' (1, Q) struct (Query, Gallery)
 
 Boxes are ``[x, y, w, h]`` (stored as uint16 in the official files): they are cast to float64
@@ -136,7 +137,8 @@ def write_cuhk_sysu(root: str, images, pool, train, test) -> None:
                 raise ValueError(f"write_cuhk_sysu: train identity {idname} is in image {name}, "
                                  "which is not a train image")
             scene["imname"][0, j] = name
-            scene["idlocate"][0, j] = _uint16_box(xywh, f"write_cuhk_sysu: train {idname} in {name}")
+            scene["idlocate"][0, j] = _uint16_box(
+                xywh, f"write_cuhk_sysu: train {idname} in {name}")
             scene["ishard"][0, j] = np.zeros((1, 1), dtype=np.uint8)
         person = _struct((1, 1), ["idname", "nAppear", "scene"])
         person["idname"][0, 0] = idname
@@ -155,7 +157,8 @@ def write_cuhk_sysu(root: str, images, pool, train, test) -> None:
                              "in the same order")
 
     write_mat(os.path.join(root, _IMAGES), {"Img": img})
-    write_mat(os.path.join(root, _POOL), {"pool": np.array(list(pool), dtype=object).reshape(-1, 1)})
+    pool_cell = np.array(list(pool), dtype=object).reshape(-1, 1)
+    write_mat(os.path.join(root, _POOL), {"pool": pool_cell})
     write_mat(os.path.join(root, _TRAIN), {"Train": train_cell})
     for size, struct in testg.items():
         write_mat(_testg_path(root, size), {f"TestG{size}": struct})
@@ -249,7 +252,8 @@ def _read_images(root: str):
 
     return _cached_parse(root, path, "cuhk_images", lambda: _parse(
         path, "CUHK-SYSU image list", "Img",
-        "'Img' struct array of (imname, nAppear, box) with (1, n) box structs of [x, y, w, h]", parse))
+        "'Img' struct array of (imname, nAppear, box) with (1, n) box structs of [x, y, w, h]",
+        parse))
 
 
 def _read_pool(root: str) -> List[str]:
@@ -380,7 +384,7 @@ def _split_annotations(root: str, split: str):
 
 
 def _test_labels(testg):
-    """Labeled test boxes from TestG50: query box and non-empty gallery boxes of query k -> pid k."""
+    """Labeled test boxes of TestG50: the query box and non-empty gallery boxes of query k -> k."""
     person = list(range(len(testg["query_images"])))
     names = list(testg["query_images"])
     boxes = [testg["query_boxes"]]

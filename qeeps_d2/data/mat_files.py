@@ -56,8 +56,8 @@ def read_mat_key(path: str, what: str, keys: Sequence[str]) -> np.ndarray:
         if key in content:
             return content[key]
     found = sorted(k for k in content if not k.startswith("__"))
-    raise MatLayoutError(f"{what} {path}: expected a variable named {' or '.join(map(repr, keys))}, "
-                         f"found {found}")
+    expected = " or ".join(map(repr, keys))
+    raise MatLayoutError(f"{what} {path}: expected a variable named {expected}, found {found}")
 
 
 def write_mat(path: str, variables: Dict[str, Any]) -> None:

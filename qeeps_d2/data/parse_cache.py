@@ -78,7 +78,7 @@ def cached(root: str, tag: str, fingerprint: str, compute: Callable[[], T]) -> T
 
 
 def _store(folder: str, file_name: str, tag: str, value, prune: bool) -> bool:
-    """Atomically write ``value`` to ``folder/file_name``; with ``prune`` drop other ``tag`` entries."""
+    """Atomically write ``value`` to ``folder/file_name``; ``prune`` drops other ``tag`` entries."""
     try:
         os.makedirs(folder, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pkl")
