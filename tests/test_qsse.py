@@ -1,0 +1,192 @@
+"""QSSE-Net (paper Sec. 4.1, Eq. 1-2): the excitation, the QSSE residual blocks and the backbone."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from detectron2.layers import FrozenBatchNorm2d, ShapeSpec
+from detectron2.modeling.backbone.resnet import BasicBlock, BottleneckBlock, build_resnet_backbone
+
+from qeeps_d2.modeling.qsse import (
+    QSSEBasicBlock,
+    QSSEBottleneckBlock,
+    QuerySiameseExcitation,
+    build_qsse_resnet_backbone,
+)
+
+import model_fixtures
+
+
+def _sigmoid(x):
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+def _reference_excitation(u, num_pairs, fc1, fc2):
+    """Eq. 1 written out: s_i = sigmoid(W2 relu(W1 [z_q_i, z_g_i] + b1) + b2), z = GAP(U)."""
+    z = u.mean(dim=(2, 3))
+    rows = []
+    for i in range(num_pairs):
+        zqg = torch.cat([z[num_pairs + i], z[i]])
+        hidden = torch.clamp(fc1.weight @ zqg + fc1.bias, min=0)
+        rows.append(torch.sigmoid(fc2.weight @ hidden + fc2.bias))
+    s = torch.stack(rows)
+    return torch.cat([s, s])  # gallery rows, then query rows: the same s for both
+
+
+def test_excitation_pinned_values_and_query_first_order():
+    exc = QuerySiameseExcitation(channels=2, reduction=2)  # 2C=4 -> 2 -> 2
+    with torch.no_grad():
+        exc.fc1.weight.copy_(torch.tensor([[1.0, 0, 0, 0], [0, 0, 0, -1.0]]))
+        exc.fc1.bias.zero_()
+        exc.fc2.weight.copy_(torch.tensor([[1.0, 0], [-1.0, 0]]))
+        exc.fc2.bias.copy_(torch.tensor([0.0, 1.0]))
+    # one pair; gallery row 0 has channel means (1, 2), query row 1 has (3, 4)
+    u = torch.zeros(2, 2, 3, 3)
+    u[0, 0], u[0, 1], u[1, 0], u[1, 1] = 1.0, 2.0, 3.0, 4.0
+    s = exc(u, num_pairs=1)
+    assert s.shape == (2, 2, 1, 1)
+    # [z_q, z_g] = [3, 4, 1, 2] -> h = relu([3, -2]) = [3, 0] -> s = sigmoid([3, -3 + 1])
+    expected = torch.tensor([_sigmoid(3.0), _sigmoid(-2.0)])
+    assert torch.allclose(s[0, :, 0, 0], expected, atol=1e-6)
+    assert torch.equal(s[0], s[1])
+
+
+def test_excitation_matches_reference_on_random_pairs():
+    torch.manual_seed(0)
+    exc = QuerySiameseExcitation(channels=8, reduction=4)
+    assert exc.fc1.weight.shape == (4, 16) and exc.fc2.weight.shape == (8, 4)
+    u = torch.randn(6, 8, 5, 4)  # 3 pairs
+    s = exc(u, num_pairs=3)
+    assert torch.allclose(s[:, :, 0, 0], _reference_excitation(u, 3, exc.fc1, exc.fc2), atol=1e-6)
+    assert torch.equal(s[:3], s[3:])
+    # the excitation of pair 0 depends on its query and gallery, not on the other pairs
+    u2 = u.clone()
+    u2[1] += 1.0
+    u2[4] -= 1.0
+    s2 = exc(u2, num_pairs=3)
+    assert torch.equal(s2[0], s[0]) and not torch.allclose(s2[1], s[1])
+
+
+def _block_pair(qsse_cls, stock_cls, **kwargs):
+    torch.manual_seed(1)
+    qsse_block = qsse_cls(8, 16, qsse_reduction=4, norm="BN", **kwargs)
+    stock_block = stock_cls(8, 16, norm="BN", **kwargs)
+    result = stock_block.load_state_dict(qsse_block.state_dict(), strict=False)
+    assert sorted(result.unexpected_keys) == sorted(
+        k for k in qsse_block.state_dict() if k.startswith("qsse.")
+    )
+    assert result.missing_keys == []
+    return qsse_block, stock_block
+
+
+BLOCKS = [
+    (QSSEBottleneckBlock, BottleneckBlock, {"bottleneck_channels": 4, "stride": 2}),
+    (QSSEBasicBlock, BasicBlock, {"stride": 2}),
+]
+
+
+@pytest.mark.parametrize("qsse_cls,stock_cls,kwargs", BLOCKS)
+def test_unpaired_block_is_bit_identical_to_stock(qsse_cls, stock_cls, kwargs):
+    qsse_block, stock_block = _block_pair(qsse_cls, stock_cls, **kwargs)
+    x = torch.randn(3, 8, 9, 10)
+    for train in (True, False):
+        qsse_block.train(train)
+        stock_block.train(train)
+        assert qsse_block.num_pairs == 0
+        assert torch.equal(qsse_block(x), stock_block(x))
+
+
+@pytest.mark.parametrize("qsse_cls,stock_cls,kwargs", BLOCKS)
+def test_paired_block_matches_eq2(qsse_cls, stock_cls, kwargs):
+    qsse_block, stock_block = _block_pair(qsse_cls, stock_cls, **kwargs)
+    qsse_block.eval()
+    x = torch.randn(4, 8, 9, 10)  # 2 pairs
+    if qsse_cls is QSSEBottleneckBlock:
+        u = qsse_block.conv3(F.relu(qsse_block.conv2(F.relu(qsse_block.conv1(x)))))
+    else:
+        u = qsse_block.conv2(F.relu(qsse_block.conv1(x)))
+    shortcut = qsse_block.shortcut(x)
+    s = _reference_excitation(u, 2, qsse_block.qsse.fc1, qsse_block.qsse.fc2)
+    expected = F.relu(shortcut + s[:, :, None, None] * u)
+    qsse_block.num_pairs = 2
+    out = qsse_block(x)
+    assert out.shape == (4, 16, 5, 5)
+    assert torch.allclose(out, expected, atol=1e-5)
+    assert not torch.allclose(out, stock_block.eval()(x), atol=1e-3)
+
+
+def test_batch_size_mismatch_is_an_error():
+    block = QSSEBottleneckBlock(8, 8, bottleneck_channels=4, qsse_reduction=4)
+    block.num_pairs = 2
+    with pytest.raises(ValueError, match="2 x 2 images.*batch of 3"):
+        block(torch.randn(3, 8, 4, 4))
+
+
+@pytest.mark.parametrize("qsse_cls,stock_cls,kwargs", BLOCKS)
+def test_freeze_keeps_qsse_trainable(qsse_cls, stock_cls, kwargs):
+    qsse_block, _ = _block_pair(qsse_cls, stock_cls, **kwargs)
+    qsse_block.freeze()
+    for name, p in qsse_block.named_parameters():
+        assert p.requires_grad == name.startswith("qsse."), name
+    assert len(list(qsse_block.qsse.parameters())) == 4
+    assert isinstance(qsse_block.conv1.norm, FrozenBatchNorm2d)
+    assert isinstance(qsse_block.shortcut.norm, FrozenBatchNorm2d)
+
+
+def _backbones(depth, stages):
+    cfg = model_fixtures.tiny_cfg(qsse=True)
+    cfg.MODEL.RESNETS.DEPTH = depth
+    if depth == 18:
+        cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64
+    cfg.MODEL.QEEPS.QSSE.STAGES = stages
+    cfg.MODEL.BACKBONE.FREEZE_AT = 2
+    shape = ShapeSpec(channels=3)
+    torch.manual_seed(2)
+    return build_qsse_resnet_backbone(cfg, shape), build_resnet_backbone(cfg, shape)
+
+
+@pytest.mark.parametrize("depth,stages", [(50, ["res3", "res4"]), (18, ["res2", "res4"])])
+def test_backbone_keeps_stock_names_and_places_qsse_in_chosen_stages(depth, stages):
+    qsse_net, stock_net = _backbones(depth, stages)
+    qsse_keys = [k for k in qsse_net.state_dict() if ".qsse." in k]
+    assert qsse_keys
+    assert sorted(set(qsse_net.state_dict()) - set(qsse_keys)) == sorted(stock_net.state_dict())
+    assert qsse_net.output_shape() == stock_net.output_shape()
+    qsse_cls = QSSEBasicBlock if depth == 18 else QSSEBottleneckBlock
+    for name, stage in zip(qsse_net.stage_names, qsse_net.stages):
+        for block in stage:
+            assert isinstance(block, qsse_cls) == (name in stages), (name, type(block))
+    assert len(qsse_net.qsse_blocks) == sum(
+        len(stage) for name, stage in zip(qsse_net.stage_names, qsse_net.stages) if name in stages
+    )
+    # FREEZE_AT=2 freezes stem + res2 convolutions, not their QSSE
+    for name, p in qsse_net.named_parameters():
+        frozen_conv = (name.startswith("stem.") or name.startswith("res2.")) and ".qsse." not in name
+        assert p.requires_grad != frozen_conv, name
+
+
+def test_backbone_loads_stock_weights_and_pairs_couple_branches():
+    qsse_net, stock_net = _backbones(50, ["res2", "res3", "res4"])
+    result = qsse_net.load_state_dict(stock_net.state_dict(), strict=False)
+    assert result.unexpected_keys == [] and all(".qsse." in k for k in result.missing_keys)
+    qsse_net.eval()
+    stock_net.eval()
+    x = torch.randn(4, 3, 32, 48)
+    assert torch.equal(qsse_net(x)["res4"], stock_net(x)["res4"])
+    paired = qsse_net(x, num_pairs=2)["res4"]
+    assert paired.shape == (4, 128, 2, 3)
+    assert not torch.allclose(paired, stock_net(x)["res4"], atol=1e-4)
+    with pytest.raises(ValueError, match="batch of 4"):
+        qsse_net(x, num_pairs=3)
+    assert all(b.num_pairs == 0 for b in qsse_net.qsse_blocks)  # reset after the error
+
+
+def test_backbone_without_qsse_has_no_qsse_and_rejects_unknown_stage():
+    cfg = model_fixtures.tiny_cfg(qsse=False)
+    net = build_qsse_resnet_backbone(cfg, ShapeSpec(channels=3))
+    assert net.qsse_blocks == [] and not any(".qsse." in k for k in net.state_dict())
+    cfg.MODEL.QEEPS.QSSE.ENABLED = True
+    cfg.MODEL.QEEPS.QSSE.STAGES = ["res4", "res5"]
+    with pytest.raises(ValueError, match="res5"):
+        build_qsse_resnet_backbone(cfg, ShapeSpec(channels=3))
