@@ -1,0 +1,259 @@
+"""``PersonSearchEvaluator``: Detectron2 evaluator for person search (mAP, top-k, detection).
+
+It consumes the records of :func:`qeeps_d2.evaluation.search_inputs.build_search_records` and the
+model's outputs, dispatching on the input keys:
+
+* gallery image (no ``query_box``) -> ``{"instances": pred_boxes, scores, pred_embeds (N, D)}``;
+* query (``query_box``, no ``query_file_name``) -> ``{"query_embed": (D,)}``;
+* pair (``query_file_name``) -> ``{"instances": pred_boxes, scores, pred_sims (N,)}``.
+
+Boxes are in original-image pixels. Only detections with ``score >= det_thresh`` are kept (they
+are the only ones the protocol can rank), which bounds memory and the size of the results file;
+the file records this threshold as ``"min_det_score"``.
+
+``evaluate()`` gathers everything on the main process, builds each evaluated query's rows
+``[x1, y1, x2, y2, score, similarity]`` per gallery image (agnostic models: similarity =
+``pred_embeds @ query_embed``), writes ``<output_dir>/<dataset_name>_results.json.gz`` and scores
+it with :mod:`qeeps_d2.evaluation.search_metrics`. A gallery image (or pair) without output counts
+as "no detection"; missing outputs are reported with a warning since they usually mean a bug.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections import OrderedDict
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from detectron2.data import DatasetCatalog
+from detectron2.evaluation import DatasetEvaluator
+from detectron2.structures import BoxMode
+from detectron2.utils import comm
+
+from ..data.search_protocol import SearchProtocol
+from .detection_metrics import evaluate_detections
+from .results_file import QueryResult, write_results
+from .search_inputs import check_query_indices
+from .search_metrics import TOP_K, score_search
+
+__all__ = ["PersonSearchEvaluator"]
+
+logger = logging.getLogger(__name__)
+
+_NO_ROWS = np.zeros((0, 6), dtype=np.float64)
+
+
+def _to_numpy(t) -> np.ndarray:
+    return t.detach().cpu().numpy()
+
+
+class PersonSearchEvaluator(DatasetEvaluator):
+    """Scores person search on a :class:`SearchProtocol` (see the module docstring).
+
+    Returns ``{"person_search": {"mAP", "top1", "top5", "top10" (percent), "num_queries",
+    "partial" (bool)}}``, plus ``{"detection": {"AP", "recall", "labeled_recall"}}`` (percent)
+    when gallery-image outputs exist (query-agnostic models).
+    """
+
+    def __init__(
+        self,
+        dataset_name: str,
+        protocol: SearchProtocol,
+        output_dir: Optional[str] = None,
+        det_thresh: float = 0.5,
+        query_indices: Optional[Sequence[int]] = None,
+        distributed: bool = True,
+    ):
+        """
+        Args:
+            dataset_name: registered test set (names the results file; its dataset dicts give
+                the detection ground truth).
+            protocol: the search protocol to score.
+            output_dir: folder of the results file; None writes no file.
+            det_thresh: detection-score threshold of the protocol.
+            query_indices: evaluate only these queries (partial evaluation); None = all.
+            distributed: gather the outputs of all ranks and score on the main process.
+        """
+        self._dataset_name = dataset_name
+        self._protocol = protocol
+        self._output_dir = output_dir
+        self._det_thresh = float(det_thresh)
+        self._query_indices = check_query_indices(protocol, query_indices)
+        self._partial = len(self._query_indices) < len(protocol)
+        self._distributed = distributed
+        self.reset()
+
+    def reset(self):
+        # image_id -> (boxes (N,4), scores (N,), embeds (N,D)); query index -> (D,);
+        # (query index, image_id) -> (N, 6) rows.
+        self._gallery: Dict[str, Tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self._query_embeds: Dict[int, np.ndarray] = {}
+        self._pairs: Dict[Tuple[int, str], np.ndarray] = {}
+
+    def _kept(self, instances):
+        instances = instances[instances.scores >= self._det_thresh].to("cpu")
+        return _to_numpy(instances.pred_boxes.tensor), _to_numpy(instances.scores), instances
+
+    def process(self, inputs, outputs):
+        for inp, out in zip(inputs, outputs):
+            if "query_file_name" in inp:
+                boxes, scores, inst = self._kept(out["instances"])
+                rows = np.c_[boxes, scores, _to_numpy(inst.pred_sims)].astype(np.float64)
+                self._pairs[(int(inp["query_index"]), inp["image_id"])] = rows.reshape(-1, 6)
+            elif "query_box" in inp:
+                self._query_embeds[int(inp["query_index"])] = _to_numpy(out["query_embed"])
+            else:
+                boxes, scores, inst = self._kept(out["instances"])
+                self._gallery[inp["image_id"]] = (boxes, scores, _to_numpy(inst.pred_embeds))
+
+    def _gather(self) -> bool:
+        """Merge all ranks' outputs into this process; False on non-main ranks."""
+        if not self._distributed:
+            return True
+        comm.synchronize()
+        parts = comm.gather((self._gallery, self._query_embeds, self._pairs), dst=0)
+        if not comm.is_main_process():
+            return False
+        self.reset()
+        for gallery, queries, pairs in parts:
+            self._gallery.update(gallery)
+            self._query_embeds.update(queries)
+            self._pairs.update(pairs)
+        return True
+
+    def _agnostic_queries(self) -> List[QueryResult]:
+        """Per-query rows with similarity = gallery embeddings . query embedding."""
+        names = sorted(self._gallery)
+        parts = [self._gallery[n] for n in names]
+        ends = np.cumsum([len(scores) for _, scores, _ in parts], dtype=np.int64)
+        span = {n: (int(e) - len(p[1]), int(e)) for n, p, e in zip(names, parts, ends)}
+        boxes_scores = np.concatenate(
+            [np.zeros((0, 5))] + [np.c_[boxes, scores] for boxes, scores, _ in parts]
+        ).astype(np.float64)
+        embeds = np.concatenate([e for _, _, e in parts]) if parts else None
+        results = []
+        for i in self._query_indices:
+            gallery = {}
+            if i in self._query_embeds and parts:
+                sims = (embeds @ self._query_embeds[i]).astype(np.float64)
+                rows = np.c_[boxes_scores, sims]
+                gallery = {
+                    n: rows[span[n][0] : span[n][1]]
+                    for n in dict.fromkeys(self._protocol.gallery(i).images)
+                    if n in span
+                }
+            results.append(QueryResult(i, self._protocol.queries[i].image, gallery))
+        self._warn_missing(
+            "queries have no query embedding; they score 0",
+            [i for i in self._query_indices if i not in self._query_embeds],
+            len(self._query_indices),
+        )
+        wanted = self._protocol.gallery_images(self._query_indices)
+        self._warn_missing(
+            "gallery images have no model output; counted as no detection",
+            [n for n in wanted if n not in self._gallery],
+            len(wanted),
+        )
+        return results
+
+    def _pair_queries(self) -> List[QueryResult]:
+        results, expected, missing = [], 0, []
+        for i in self._query_indices:
+            gallery = {}
+            for n in dict.fromkeys(self._protocol.gallery(i).images):
+                expected += 1
+                rows = self._pairs.get((i, n))
+                if rows is None:
+                    missing.append((i, n))
+                else:
+                    gallery[n] = rows
+            results.append(QueryResult(i, self._protocol.queries[i].image, gallery))
+        self._warn_missing(
+            "query-gallery pairs have no model output; counted as no detection", missing, expected
+        )
+        return results
+
+    def _warn_missing(self, what: str, missing: list, expected: int) -> None:
+        """Warn that ``len(missing)`` of ``expected`` items are missing (louder above 10%)."""
+        if missing:
+            logger.warning(
+                "%s: %d of %d %s (e.g. %s)%s",
+                self._dataset_name, len(missing), expected, what, missing[0],
+                " -- MANY are missing: the data loader or the model is likely wrong"
+                if len(missing) > 0.1 * expected else "",
+            )
+
+    def _detection_scores(self, gallery_detections: Dict[str, np.ndarray]) -> Dict[str, float]:
+        """Detection AP / recall over the evaluated gallery images (ground truth: dataset dicts)."""
+        wanted = set(self._protocol.gallery_images(self._query_indices))
+        ground_truth = {}
+        for d in DatasetCatalog.get(self._dataset_name):
+            if d["image_id"] in wanted:
+                anns = d.get("annotations", [])
+                boxes = [BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS) for a in anns]
+                pids = [a.get("person_id", -1) for a in anns]
+                ground_truth[d["image_id"]] = (
+                    np.asarray(boxes, np.float64).reshape(-1, 4), np.asarray(pids, np.int64)
+                )
+        self._warn_missing(
+            "gallery images are not in the data set's dicts; left out of the detection metrics",
+            sorted(wanted - set(ground_truth)), len(wanted),
+        )
+        detections = {n: d for n, d in gallery_detections.items() if n in ground_truth}
+        return evaluate_detections(ground_truth, detections, self._det_thresh)
+
+    def evaluate(self):
+        if not self._gather():
+            return {}
+        if self._pairs and self._query_embeds:
+            raise ValueError(
+                f"{self._dataset_name}: outputs mix query-agnostic queries and query-gallery "
+                "pairs; evaluate one kind of model at a time"
+            )
+        mode = "pairs" if self._pairs else "agnostic"
+        queries = self._pair_queries() if mode == "pairs" else self._agnostic_queries()
+        gallery_detections = (
+            {n: np.c_[b, s] for n, (b, s, _) in self._gallery.items()} if self._gallery else None
+        )
+        if self._output_dir:
+            path = os.path.join(self._output_dir, f"{self._dataset_name}_results.json.gz")
+            write_results(
+                path, self._protocol.dataset, queries, gallery_detections=gallery_detections,
+                protocol=self._protocol.name, mode=mode, partial=self._partial,
+                min_det_score=self._det_thresh,
+            )
+            logger.info("Wrote person-search results to %s", path)
+
+        scores = score_search(
+            self._protocol, {q.index: q.gallery for q in queries}, self._det_thresh,
+            query_indices=self._query_indices,
+        )
+        summary = scores.summary()
+        search = OrderedDict(
+            [("mAP", 100 * summary["mAP"])]
+            + [(f"top{k}", 100 * summary[f"top{k}"]) for k in TOP_K]
+            + [("num_queries", len(scores)), ("partial", self._partial)]
+        )
+        label = (
+            f"partial: {len(scores)} of {len(self._protocol)} queries"
+            if self._partial else f"{len(scores)} queries"
+        )
+        logger.info(
+            "Person search on %s (%s, %s, det_thresh %g): mAP %.2f  top-1 %.2f  top-5 %.2f  "
+            "top-10 %.2f", self._protocol.name, mode, label, self._det_thresh, search["mAP"],
+            search["top1"], search["top5"], search["top10"],
+        )
+        results = OrderedDict(person_search=search)
+        if gallery_detections is not None:
+            det = self._detection_scores(gallery_detections)
+            results["detection"] = OrderedDict(
+                AP=100 * det["ap"], recall=100 * det["recall"],
+                labeled_recall=100 * det["labeled_recall"], partial=self._partial,
+            )
+            logger.info(
+                "Detection on %s (%s): AP %.2f  recall %.2f  labeled recall %.2f",
+                self._dataset_name, label, results["detection"]["AP"],
+                results["detection"]["recall"], results["detection"]["labeled_recall"],
+            )
+        return results

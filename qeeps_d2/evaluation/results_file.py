@@ -1,0 +1,270 @@
+"""The person-search results file (architecture.md 4.3): write, read and validate (numpy only).
+
+::
+
+    {"format": "qeeps-results/1",
+     "dataset": "cuhk_sysu_test",
+     "queries": [{"index": 0, "image": "s15538.jpg",
+                  "gallery": {"s1.jpg": [[x1, y1, x2, y2, det_score, similarity], ...]}}],
+     ...}                     # optional extra top-level fields, e.g. "partial": true
+
+Gallery images missing from a query's entry had no detection. The file is JSON, gzip-compressed
+when the name ends with ``.json.gz``. Floats are written with Python's shortest round-trip
+representation, so reading a file back gives exactly the arrays that were written.
+
+One optional top-level field has a meaning here: ``"gallery_detections"``
+(``{image: [[x1, y1, x2, y2, det_score], ...]}``), the query-independent detections of a
+query-agnostic model, from which detection AP / recall can be computed. Every other extra field
+is kept as is in :attr:`SearchResults.extra`.
+
+:func:`read_results` checks the file on its own (format tag, known data set, structure, rows);
+:func:`validate_against_protocol` checks it against the protocol it is scored with.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+
+import numpy as np
+
+from ..data.catalog import DATASET_NAMES
+from ..data.search_protocol import SearchProtocol
+
+__all__ = [
+    "RESULTS_FORMAT",
+    "QueryResult",
+    "SearchResults",
+    "write_results",
+    "read_results",
+    "validate_against_protocol",
+]
+
+RESULTS_FORMAT = "qeeps-results/1"
+_RESERVED = ("format", "dataset", "queries", "gallery_detections")
+
+
+@dataclass
+class QueryResult:
+    """One query's detections.
+
+    Attributes:
+        index: position of the query in the protocol's query list.
+        image: the query's image name (a consistency check against the protocol).
+        gallery: image name -> (N, 6) float64 rows ``[x1, y1, x2, y2, det_score, similarity]``.
+    """
+
+    index: int
+    image: str
+    gallery: Dict[str, np.ndarray]
+
+
+@dataclass
+class SearchResults:
+    """A validated results file.
+
+    Attributes:
+        dataset: registered data set name.
+        queries: the queries present in the file, in file order (indices are unique).
+        gallery_detections: image name -> (N, 5) query-independent detections, or None.
+        extra: the other top-level fields (e.g. ``{"partial": True, "mode": "agnostic"}``).
+    """
+
+    dataset: str
+    queries: List[QueryResult]
+    gallery_detections: Optional[Dict[str, np.ndarray]] = None
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+    def detections_by_query(self) -> Dict[int, Dict[str, np.ndarray]]:
+        """query index -> gallery detections, the input of ``search_metrics.score_search``."""
+        return {q.index: q.gallery for q in self.queries}
+
+
+QueryLike = Union[QueryResult, Mapping[str, Any]]
+
+
+def _rows_json(rows: Any) -> List[List[float]]:
+    return np.asarray(rows, dtype=np.float64).tolist()
+
+
+def _query_json(query: QueryLike) -> Dict[str, Any]:
+    if isinstance(query, QueryResult):
+        index, image, gallery = query.index, query.image, query.gallery
+    else:
+        index, image, gallery = query["index"], query["image"], query["gallery"]
+    return {
+        "index": int(index),
+        "image": str(image),
+        "gallery": {str(name): _rows_json(rows) for name, rows in gallery.items()},
+    }
+
+
+def write_results(
+    path: str,
+    dataset: str,
+    queries: Sequence[QueryLike],
+    gallery_detections: Optional[Mapping[str, Any]] = None,
+    **extra: Any,
+) -> None:
+    """Write a results file (``.json`` or ``.json.gz``, chosen by the suffix).
+
+    Args:
+        path: output file; parent folders are created.
+        dataset: registered data set name.
+        queries: :class:`QueryResult` objects or mappings ``{"index", "image", "gallery"}``,
+            gallery rows as (N, 6) arrays or nested lists.
+        gallery_detections: optional image name -> (N, 5) query-independent detections.
+        **extra: further JSON-serialisable top-level fields (``partial=True``, ``mode=...``).
+    """
+    clash = sorted(set(extra) & set(_RESERVED))
+    if clash:
+        raise ValueError(f"extra fields {clash} would overwrite reserved results-file fields")
+    doc: Dict[str, Any] = {"format": RESULTS_FORMAT, "dataset": dataset}
+    doc.update(extra)
+    doc["queries"] = [_query_json(q) for q in queries]
+    if gallery_detections is not None:
+        doc["gallery_detections"] = {str(k): _rows_json(v) for k, v in gallery_detections.items()}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    text = json.dumps(doc, separators=(",", ":"), allow_nan=False)
+    if path.endswith(".gz"):
+        with gzip.open(path, "wt", encoding="utf-8", compresslevel=6) as f:
+            f.write(text)
+    else:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+
+
+def _load_json(path: str) -> Any:
+    if not path.endswith((".json", ".json.gz")):
+        raise ValueError(f"{path}: a results file must end with .json or .json.gz")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: results file not found")
+    try:
+        if path.endswith(".gz"):
+            with gzip.open(path, "rt", encoding="utf-8") as f:
+                return json.load(f)
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, EOFError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not a readable JSON results file ({e})") from None
+
+
+def _parse_rows(path: str, where: str, rows: Any, width: int) -> np.ndarray:
+    """(N, width) float64 rows, rejecting anything but finite numbers with x1<=x2, y1<=y2."""
+    if not isinstance(rows, list):
+        raise ValueError(f"{path}: {where}: rows must be a list, got {type(rows).__name__}")
+    try:
+        arr = np.asarray(rows)
+    except ValueError:
+        arr = None  # ragged
+    if arr is None or (rows and (arr.ndim != 2 or arr.shape[1] != width)):
+        raise ValueError(f"{path}: {where}: every row must hold {width} numbers")
+    if rows and arr.dtype.kind not in "iuf":
+        raise ValueError(f"{path}: {where}: rows must hold numbers only")
+    arr = arr.astype(np.float64).reshape(-1, width)
+    bad = ~np.isfinite(arr).all(axis=1)
+    if bad.any():
+        raise ValueError(f"{path}: {where}: row {int(np.argmax(bad))} holds a non-finite value")
+    bad = (arr[:, 2] < arr[:, 0]) | (arr[:, 3] < arr[:, 1])
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise ValueError(f"{path}: {where}: row {i} has x2 < x1 or y2 < y1: {arr[i, :4].tolist()}")
+    return arr
+
+
+def _parse_query(path: str, position: int, q: Any) -> QueryResult:
+    where = f"queries[{position}]"
+    if not isinstance(q, dict) or not {"index", "image", "gallery"} <= set(q):
+        raise ValueError(f"{path}: {where} must be an object with index, image and gallery")
+    index, image, gallery = q["index"], q["image"], q["gallery"]
+    if not isinstance(index, int) or isinstance(index, bool) or index < 0:
+        raise ValueError(f"{path}: {where}: index must be a non-negative integer, got {index!r}")
+    if not isinstance(image, str) or not image:
+        raise ValueError(f"{path}: {where}: image must be a non-empty string, got {image!r}")
+    if not isinstance(gallery, dict):
+        raise ValueError(f"{path}: {where}: gallery must be an object image -> rows")
+    rows = {
+        name: _parse_rows(path, f"query {index} gallery image {name!r}", r, 6)
+        for name, r in gallery.items()
+    }
+    return QueryResult(index, image, rows)
+
+
+def read_results(path: str) -> SearchResults:
+    """Read and check a results file.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: naming the file and the problem: unreadable JSON, missing or wrong
+            ``"format"`` tag, unknown data set, malformed query entries, duplicate query
+            indices, malformed rows (not 6 finite numbers, x2 < x1 or y2 < y1).
+    """
+    doc = _load_json(path)
+    if not isinstance(doc, dict):
+        raise ValueError(f"{path}: the results file must hold a JSON object")
+    if doc.get("format") != RESULTS_FORMAT:
+        raise ValueError(
+            f"{path}: format tag must be {RESULTS_FORMAT!r}, got {doc.get('format')!r}"
+        )
+    dataset = doc.get("dataset")
+    if dataset not in DATASET_NAMES:
+        raise ValueError(
+            f"{path}: unknown dataset {dataset!r}; known: {', '.join(DATASET_NAMES)}"
+        )
+    raw_queries = doc.get("queries")
+    if not isinstance(raw_queries, list):
+        raise ValueError(f"{path}: 'queries' must be a list")
+    queries = [_parse_query(path, i, q) for i, q in enumerate(raw_queries)]
+    seen = set()
+    for q in queries:
+        if q.index in seen:
+            raise ValueError(f"{path}: query index {q.index} appears more than once")
+        seen.add(q.index)
+
+    gallery_detections = None
+    if "gallery_detections" in doc:
+        raw = doc["gallery_detections"]
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: 'gallery_detections' must be an object image -> rows")
+        gallery_detections = {
+            name: _parse_rows(path, f"gallery_detections image {name!r}", r, 5)
+            for name, r in raw.items()
+        }
+    extra = {k: v for k, v in doc.items() if k not in _RESERVED}
+    return SearchResults(dataset, queries, gallery_detections, extra)
+
+
+def validate_against_protocol(results: SearchResults, protocol: SearchProtocol, path: str) -> None:
+    """Check that ``results`` can be scored with ``protocol``.
+
+    Raises:
+        ValueError naming ``path`` and the problem: data set mismatch, query index out of range,
+        query image differing from the protocol's, gallery image not in that query's gallery.
+    """
+    if results.dataset != protocol.dataset:
+        raise ValueError(
+            f"{path}: results are for data set {results.dataset!r}, the protocol "
+            f"{protocol.name!r} is for {protocol.dataset!r}"
+        )
+    for q in results.queries:
+        if q.index >= len(protocol):
+            raise ValueError(
+                f"{path}: query index {q.index} out of range: {protocol.name} has "
+                f"{len(protocol)} queries"
+            )
+        expected = protocol.queries[q.index].image
+        if q.image != expected:
+            raise ValueError(
+                f"{path}: query {q.index} image is {q.image!r}, the protocol's is {expected!r}"
+            )
+        if q.gallery:
+            allowed = set(protocol.gallery(q.index).images)
+            stray = [name for name in q.gallery if name not in allowed]
+            if stray:
+                raise ValueError(
+                    f"{path}: query {q.index}: image {stray[0]!r} is not in its gallery "
+                    f"({protocol.name})"
+                )

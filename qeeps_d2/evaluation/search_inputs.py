@@ -1,0 +1,92 @@
+"""Test-time records of a search protocol: what the model must see to be evaluated (numpy only).
+
+Two modes, matching the two kinds of models:
+
+* ``"agnostic"`` (OIM baseline, query-independent detection and re-id): every distinct gallery
+  image once, ``{"file_name", "image_id"}``, and every query once,
+  ``{"file_name", "image_id", "query_box", "query_index"}``; the evaluator ranks gallery
+  detections by ``pred_embeds @ query_embed``.
+* ``"pairs"`` (query-guided models): one record per (query, distinct image of its gallery),
+  ``{"file_name", "image_id", "query_file_name", "query_image_id", "query_box", "query_index"}``,
+  ordered query by query (and gallery order within a query), so that consecutive records share
+  one query.
+
+``file_name`` is ``os.path.join(protocol.image_root, name)``; ``image_id`` is the image's base
+name as used in the protocol and the results file; ``query_box`` is [x1, y1, x2, y2] in original
+image pixels. Height and width are left to the mapper, which reads the image.
+"""
+from __future__ import annotations
+
+import os
+from typing import Dict, List, Optional, Sequence
+
+from ..data.search_protocol import SearchProtocol
+
+__all__ = ["SEARCH_MODES", "build_search_records", "check_query_indices"]
+
+SEARCH_MODES = ("agnostic", "pairs")
+
+
+def check_query_indices(protocol: SearchProtocol, query_indices: Optional[Sequence[int]]) -> List[int]:
+    """The sorted distinct query indices to evaluate (all when None); ValueError if out of range."""
+    if query_indices is None:
+        return list(range(len(protocol)))
+    indices = sorted(set(int(i) for i in query_indices))
+    bad = [i for i in indices if not 0 <= i < len(protocol)]
+    if bad:
+        raise ValueError(
+            f"query index {bad[0]} out of range for protocol {protocol.name} "
+            f"({len(protocol)} queries)"
+        )
+    return indices
+
+
+def _query_record(protocol: SearchProtocol, index: int) -> Dict:
+    q = protocol.queries[index]
+    return {
+        "file_name": os.path.join(protocol.image_root, q.image),
+        "image_id": q.image,
+        "query_box": [float(v) for v in q.box],
+        "query_index": index,
+    }
+
+
+def build_search_records(
+    protocol: SearchProtocol, mode: str, query_indices: Optional[Sequence[int]] = None
+) -> List[Dict]:
+    """Records for evaluating ``protocol`` on the given queries (all by default).
+
+    Args:
+        protocol: the search protocol.
+        mode: ``"agnostic"`` or ``"pairs"`` (see the module docstring).
+        query_indices: the queries to evaluate (partial evaluation), default all.
+
+    Returns:
+        agnostic: the gallery-image records (sorted by name), then the query records (by index);
+        pairs: the pair records, query by query.
+    """
+    if mode not in SEARCH_MODES:
+        raise ValueError(f"unknown search mode {mode!r}; expected one of {SEARCH_MODES}")
+    indices = check_query_indices(protocol, query_indices)
+    root = protocol.image_root
+    if mode == "agnostic":
+        gallery = [
+            {"file_name": os.path.join(root, name), "image_id": name}
+            for name in protocol.gallery_images(indices)
+        ]
+        return gallery + [_query_record(protocol, i) for i in indices]
+    records = []
+    for i in indices:
+        query = _query_record(protocol, i)
+        pair_base = {
+            "query_file_name": query["file_name"],
+            "query_image_id": query["image_id"],
+            "query_box": query["query_box"],
+            "query_index": i,
+        }
+        for name in dict.fromkeys(protocol.gallery(i).images):  # distinct, in gallery order
+            records.append(
+                {"file_name": os.path.join(root, name), "image_id": name, **pair_base,
+                 "query_box": list(query["query_box"])}
+            )
+    return records

@@ -1,0 +1,190 @@
+"""PersonSearchEvaluator through Detectron2's inference_on_dataset with a fake model."""
+import gzip
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+from detectron2.data import DatasetCatalog
+from detectron2.evaluation import inference_on_dataset
+from detectron2.structures import Boxes, BoxMode, Instances
+
+from qeeps_d2.data.search_protocol import Gallery, Query, SearchProtocol
+from qeeps_d2.evaluation.evaluator import PersonSearchEvaluator
+from qeeps_d2.evaluation.results_file import read_results
+from qeeps_d2.evaluation.search_inputs import build_search_records
+
+DATASET = "qeeps_evaluator_toy_test"  # registered here for the detection ground truth
+BIG = [0.0, 0.0, 100.0, 200.0]
+B_TARGET = [200.0, 0.0, 300.0, 200.0]
+C_TARGET = [10.0, 10.0, 60.0, 110.0]
+NAN4 = [np.nan] * 4
+
+
+def _protocol():
+    galleries = [
+        Gallery(["a.jpg", "b.jpg"], np.array([BIG, NAN4])),
+        Gallery(["c.jpg", "b.jpg"], np.array([C_TARGET, B_TARGET])),
+    ]
+    queries = [Query(0, "q0.jpg", np.array(BIG), 0), Query(1, "q1.jpg", np.array(C_TARGET), 1)]
+    return SearchProtocol("synthps_test/G2", "synthps_test", queries, galleries.__getitem__, "/img")
+
+
+def _dicts():
+    def ann(box, pid):
+        return {"bbox": box, "bbox_mode": BoxMode.XYXY_ABS, "category_id": 0, "person_id": pid}
+
+    return [
+        {"image_id": "a.jpg", "annotations": [ann(BIG, 0), ann([300, 0, 400, 200], -1)]},
+        {"image_id": "b.jpg", "annotations": [ann(B_TARGET, 1), ann(BIG, -1)]},
+        # 60 x 150 px as XYWH: checks the box-mode conversion
+        {"image_id": "c.jpg", "annotations": [ann(C_TARGET, 1),
+                                              {"bbox": [500, 0, 60, 150], "bbox_mode": BoxMode.XYWH_ABS,
+                                               "category_id": 0, "person_id": 2}]},
+        {"image_id": "q0.jpg", "annotations": [ann(BIG, 0)]},
+    ]
+
+
+@pytest.fixture(autouse=True)
+def toy_dataset():
+    DatasetCatalog.register(DATASET, _dicts)
+    yield
+    DatasetCatalog.remove(DATASET)
+
+
+def _instances(rows, extra):
+    """rows: [x1, y1, x2, y2, score, extra...]; extra: name of the per-box field."""
+    rows = torch.tensor(rows, dtype=torch.float32).reshape(len(rows), -1)
+    inst = Instances((300, 500))
+    inst.pred_boxes = Boxes(rows[:, :4])
+    inst.scores = rows[:, 4]
+    inst.set(extra, rows[:, 5:] if extra == "pred_embeds" else rows[:, 5])
+    return inst
+
+
+# Query-agnostic outputs: per gallery image [box, score, embedding (2-d)], per query an embedding.
+GALLERY_OUT = {
+    "a.jpg": [BIG + [0.9, 1, 0], [300, 0, 400, 200, 0.8, 0, 1], [0, 0, 50, 50, 0.3, 1, 0]],
+    "b.jpg": [B_TARGET + [0.95, 0.6, 0.8], BIG + [0.7, 0.8, 0.6]],
+    "c.jpg": [C_TARGET + [0.6, 0, 1]],
+}
+QUERY_OUT = {0: [1.0, 0.0], 1: [0.6, 0.8]}
+# Query-guided outputs: per (query, gallery image) [box, score, similarity].
+PAIR_OUT = {
+    (0, "a.jpg"): [BIG + [0.9, 0.9], [300, 0, 400, 200, 0.8, 0.95]],
+    (0, "b.jpg"): [B_TARGET + [0.95, 0.2]],
+    (1, "c.jpg"): [C_TARGET + [0.6, 0.5]],
+    (1, "b.jpg"): [B_TARGET + [0.4, 0.99], BIG + [0.7, 0.7]],
+}
+
+
+class FakeModel:
+    """Answers each record from the tables above, as the QEEPS model would."""
+
+    def __init__(self):
+        self.seen = []
+
+    def __call__(self, inputs):
+        outputs = []
+        for x in inputs:
+            self.seen.append(x)
+            if "query_file_name" in x:
+                outputs.append({"instances": _instances(PAIR_OUT[(x["query_index"], x["image_id"])], "pred_sims")})
+            elif "query_box" in x:
+                outputs.append({"query_embed": torch.tensor(QUERY_OUT[x["query_index"]])})
+            else:
+                outputs.append({"instances": _instances(GALLERY_OUT[x["image_id"]], "pred_embeds")})
+        return outputs
+
+
+def _run(mode, tmp_path, query_indices=None, skip=()):
+    protocol = _protocol()
+    records = [r for r in build_search_records(protocol, mode, query_indices) if r["image_id"] not in skip]
+    batches = [records[i : i + 2] for i in range(0, len(records), 2)]  # a list works as a loader
+    evaluator = PersonSearchEvaluator(
+        DATASET, protocol, output_dir=str(tmp_path), query_indices=query_indices
+    )
+    return inference_on_dataset(FakeModel(), batches, evaluator)
+
+
+def test_agnostic_mode_hand_computed(tmp_path):
+    results = _run("agnostic", tmp_path)
+    ps = results["person_search"]
+    # q0: sims a 1.0 (TP) 0.0, b 0.6 0.8 -> TP ranked first: AP 1
+    # q1: sims b 1.0 (TP) 0.96, c 0.8 (TP) -> AP 1/2 + 2/3 * 1/2 = 5/6
+    assert ps["mAP"] == pytest.approx(100 * (1 + 5 / 6) / 2)
+    assert (ps["top1"], ps["top5"], ps["top10"]) == (100.0, 100.0, 100.0)
+    assert (ps["num_queries"], ps["partial"]) == (2, False)
+    # detection: 5 kept detections all TP of 6 people; labeled: 3 of 4
+    det = results["detection"]
+    assert det["AP"] == pytest.approx(100 * 5 / 6)
+    assert det["recall"] == pytest.approx(100 * 5 / 6)
+    assert det["labeled_recall"] == pytest.approx(75.0)
+
+    written = read_results(str(tmp_path / f"{DATASET}_results.json.gz"))
+    assert written.dataset == "synthps_test"
+    assert written.extra == {"protocol": "synthps_test/G2", "mode": "agnostic", "partial": False,
+                             "min_det_score": 0.5}
+    q1 = written.queries[1]
+    assert (q1.index, q1.image, sorted(q1.gallery)) == (1, "q1.jpg", ["b.jpg", "c.jpg"])
+    # rows of b.jpg for query 1: boxes, scores, similarity = embedding . (0.6, 0.8)
+    np.testing.assert_allclose(q1.gallery["b.jpg"], [B_TARGET + [0.95, 1.0], BIG + [0.7, 0.96]], rtol=1e-6)
+    # the 0.3-score detection of a.jpg is below det_thresh: not written
+    assert written.gallery_detections["a.jpg"].shape == (2, 5)
+
+
+def test_pairs_mode_hand_computed(tmp_path):
+    results = _run("pairs", tmp_path)
+    ps = results["person_search"]
+    # q0: 0.95 (neg), 0.9 (TP), 0.2 (neg) -> AP 1/2; q1: b 0.7 (neg), c 0.5 (TP); the 0.99
+    # detection scores 0.4 < det_thresh -> AP 1/2 * recall 1/2
+    assert ps["mAP"] == pytest.approx(100 * (0.5 + 0.25) / 2)
+    assert (ps["top1"], ps["top5"]) == (0.0, 100.0)
+    assert "detection" not in results  # no query-independent detections
+    with gzip.open(tmp_path / f"{DATASET}_results.json.gz", "rt") as f:
+        doc = json.load(f)
+    assert doc["mode"] == "pairs" and "gallery_detections" not in doc
+    assert doc["queries"][1]["gallery"]["b.jpg"] == [BIG + [0.699999988079071, 0.699999988079071]]
+
+
+def test_partial_evaluation_is_labelled(tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="qeeps_d2.evaluation.evaluator"):
+        results = _run("pairs", tmp_path, query_indices=[1])
+    assert results["person_search"]["partial"] is True
+    assert results["person_search"]["num_queries"] == 1
+    assert results["person_search"]["mAP"] == pytest.approx(25.0)
+    assert "partial: 1 of 2 queries" in caplog.text
+
+
+def test_missing_gallery_output_counts_as_no_detection_and_warns(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="qeeps_d2.evaluation.evaluator"):
+        results = _run("agnostic", tmp_path, skip=("c.jpg",))
+    # q1 loses its c.jpg target: b 1.0 (TP), 0.96 -> AP 1 * recall 1/2
+    assert results["person_search"]["mAP"] == pytest.approx(100 * (1 + 0.5) / 2)
+    assert "1 of 3 gallery images have no model output" in caplog.text, caplog.text
+    assert "MANY" in caplog.text
+
+
+def test_records_cover_the_protocol():
+    protocol = _protocol()
+    agnostic = build_search_records(protocol, "agnostic")
+    assert [r["image_id"] for r in agnostic] == ["a.jpg", "b.jpg", "c.jpg", "q0.jpg", "q1.jpg"]
+    assert agnostic[0] == {"file_name": "/img/a.jpg", "image_id": "a.jpg"}
+    assert agnostic[4] == {"file_name": "/img/q1.jpg", "image_id": "q1.jpg",
+                           "query_box": C_TARGET, "query_index": 1}
+    pairs = build_search_records(protocol, "pairs", query_indices=[1])
+    assert [(r["query_index"], r["image_id"]) for r in pairs] == [(1, "c.jpg"), (1, "b.jpg")]
+    assert pairs[0] == {"file_name": "/img/c.jpg", "image_id": "c.jpg", "query_file_name": "/img/q1.jpg",
+                        "query_image_id": "q1.jpg", "query_box": C_TARGET, "query_index": 1}
+    with pytest.raises(ValueError, match="unknown search mode"):
+        build_search_records(protocol, "crops")
+    with pytest.raises(ValueError, match="query index 5 out of range"):
+        build_search_records(protocol, "pairs", [5])
+
+
+def test_duplicate_gallery_entries_give_one_pair_record():
+    p = _protocol()
+    dup = SearchProtocol(p.name, p.dataset, p.queries[:1],
+                         lambda i: Gallery(["a.jpg", "a.jpg"], np.array([BIG, BIG])), "/img")
+    assert [r["image_id"] for r in build_search_records(dup, "pairs")] == ["a.jpg"]
