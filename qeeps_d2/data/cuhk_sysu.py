@@ -156,12 +156,13 @@ def write_cuhk_sysu(root: str, images, pool, train, test) -> None:
             raise ValueError(f"write_cuhk_sysu: TestG{size} does not list the queries of TestG50 "
                              "in the same order")
 
-    write_mat(os.path.join(root, _IMAGES), {"Img": img})
     pool_cell = np.array(list(pool), dtype=object).reshape(-1, 1)
     write_mat(os.path.join(root, _POOL), {"pool": pool_cell})
     write_mat(os.path.join(root, _TRAIN), {"Train": train_cell})
     for size, struct in testg.items():
         write_mat(_testg_path(root, size), {f"TestG{size}": struct})
+    # Images.mat last: once it exists, the annotation is complete.
+    write_mat(os.path.join(root, _IMAGES), {"Img": img})
 
 
 def _same_queries(entries, reference) -> bool:
