@@ -452,7 +452,7 @@ def draw_background(rng: np.random.Generator, width: int, height: int,
     ground_c = np.array(_colour(rng, saturation=(0.0, 0.35), value=(0.25, 0.7)), np.float32)
     scene = np.where(yy < horizon, sky, ground_c).astype(np.float32) * np.ones((1, width, 1), np.float32)
     # Buildings with window grids along the horizon.
-    x = -rng.uniform(0, 40)
+    x = -rng.uniform(0, 0.1) * width
     while x < width:
         bw = rng.uniform(0.15, 0.45) * width
         top = rng.uniform(0.0, 0.8) * horizon
