@@ -28,11 +28,10 @@ import numpy as np
 
 from detectron2.data import DatasetCatalog
 from detectron2.evaluation import DatasetEvaluator
-from detectron2.structures import BoxMode
 from detectron2.utils import comm
 
 from ..data.search_protocol import SearchProtocol
-from .detection_metrics import evaluate_detections
+from .detection_metrics import detection_ground_truth, evaluate_detections
 from .results_file import QueryResult, write_results
 from .search_inputs import check_query_indices
 from .search_metrics import TOP_K, score_search
@@ -187,15 +186,7 @@ class PersonSearchEvaluator(DatasetEvaluator):
     def _detection_scores(self, gallery_detections: Dict[str, np.ndarray]) -> Dict[str, float]:
         """Detection AP / recall over the evaluated gallery images (ground truth: dataset dicts)."""
         wanted = set(self._protocol.gallery_images(self._query_indices))
-        ground_truth = {}
-        for d in DatasetCatalog.get(self._dataset_name):
-            if d["image_id"] in wanted:
-                anns = d.get("annotations", [])
-                boxes = [BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS) for a in anns]
-                pids = [a.get("person_id", -1) for a in anns]
-                ground_truth[d["image_id"]] = (
-                    np.asarray(boxes, np.float64).reshape(-1, 4), np.asarray(pids, np.int64)
-                )
+        ground_truth = detection_ground_truth(DatasetCatalog.get(self._dataset_name), wanted)
         self._warn_missing(
             "gallery images are not in the data set's dicts; left out of the detection metrics",
             sorted(wanted - set(ground_truth)), len(wanted),

@@ -1,0 +1,127 @@
+"""``qeeps-eval``: score a person-search results file against a registered data set's protocol.
+
+::
+
+    qeeps-eval --dataset NAME [--gallery-size N] [--cross-camera] [--det-thresh 0.5] [--json] RESULTS
+
+Prints mAP, top-1/5/10 and the number of queries (and detection AP / recall when the file holds
+query-independent ``gallery_detections``). A file covering only some queries is scored on those
+and labelled ``partial: K of N queries``. ``--json`` makes the last line one JSON object
+``{"mAP", "top1", "top5", "top10", "num_queries", ...}`` with fractions in [0, 1].
+User errors (missing or malformed files, unknown data set, bad options) print one line on stderr
+and exit with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Dict, List, Optional, Sequence
+
+from ..data.catalog import DATASET_NAMES, load_dataset_dicts, load_protocol
+from ..data.search_protocol import SearchProtocol
+from .detection_metrics import detection_ground_truth, evaluate_detections
+from .results_file import SearchResults, read_results, validate_against_protocol
+from .search_metrics import TOP_K, SearchScores, score_search
+
+__all__ = ["main"]
+
+_TEST_SETS = tuple(n for n in DATASET_NAMES if n.endswith("_test"))
+_CAMERA_SETS = ("prw_test", "prw_mini_test")
+
+
+class _UsageError(Exception):
+    """A command-line mistake (reported in one line, exit status 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise _UsageError(message)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="qeeps-eval",
+                description="Score a person-search results file against a data set's protocol.")
+    p.add_argument("results", metavar="RESULTS", help="results file (.json or .json.gz)")
+    p.add_argument("--dataset", required=True, choices=_TEST_SETS, help="registered test set")
+    p.add_argument("--gallery-size", type=int, default=100,
+                   help="CUHK-SYSU style sets: 50, 100, 500, 1000, 2000, 4000 or -1 (whole pool)")
+    p.add_argument("--cross-camera", action="store_true",
+                   help="PRW: search only frames of other cameras than the query's")
+    p.add_argument("--det-thresh", type=float, default=0.5,
+                   help="detections with det_score >= this are ranked (default 0.5)")
+    p.add_argument("--json", action="store_true",
+                   help="end with one JSON line of the metrics (fractions in [0, 1])")
+    return p
+
+
+def _setting(args) -> str:
+    if args.dataset in _CAMERA_SETS:
+        return "cross-camera protocol" if args.cross_camera else "standard protocol"
+    return "gallery size: whole pool" if args.gallery_size == -1 else f"gallery size {args.gallery_size}"
+
+
+def _detection_metrics(
+    results: SearchResults, protocol: SearchProtocol, scores: SearchScores, det_thresh: float
+) -> Dict[str, float]:
+    wanted = set(protocol.gallery_images(scores.query_indices.tolist()))
+    ground_truth = detection_ground_truth(load_dataset_dicts(results.dataset), wanted)
+    stray = sorted(set(results.gallery_detections) - wanted)
+    if stray:
+        raise ValueError(
+            f"gallery_detections holds image {stray[0]!r}, not a gallery image of the scored queries"
+        )
+    return evaluate_detections(ground_truth, results.gallery_detections, det_thresh)
+
+
+def _run(args) -> List[str]:
+    if args.det_thresh < 0:
+        raise _UsageError(f"--det-thresh must be >= 0, got {args.det_thresh}")
+    results = read_results(args.results)
+    min_score = results.extra.get("min_det_score")
+    if isinstance(min_score, (int, float)) and args.det_thresh < min_score:
+        raise ValueError(
+            f"{args.results} only holds detections with det_score >= {min_score}; "
+            f"--det-thresh {args.det_thresh} cannot be evaluated from it"
+        )
+    protocol = load_protocol(args.dataset, args.gallery_size, args.cross_camera)
+    validate_against_protocol(results, protocol, args.results)
+    scores = score_search(protocol, results.detections_by_query(), args.det_thresh)
+    n, total = len(scores), len(protocol)
+    summary = scores.summary()
+    summary.update(dataset=args.dataset, protocol=protocol.name, det_thresh=args.det_thresh,
+                   partial=n < total, num_queries_total=total)
+
+    lines = [f"Person search on {args.dataset} ({_setting(args)}), det_thresh {args.det_thresh:g}"]
+    lines.append(f"  {'queries':<7}{n:7d}" + (f"  (partial: {n} of {total} queries)" if n < total else ""))
+    metrics = [("mAP", "mAP")] + [(f"top-{k}", f"top{k}") for k in TOP_K]
+    lines += [f"  {label:<7}{100 * summary[key]:7.2f}%" for label, key in metrics]
+    if scores.num_without_target:
+        lines.append(f"  ({scores.num_without_target} queries have no target in their gallery: "
+                     "scored 0)")
+    if results.gallery_detections is not None:
+        det = _detection_metrics(results, protocol, scores, args.det_thresh)
+        summary.update(det_ap=det["ap"], det_recall=det["recall"],
+                       det_labeled_recall=det["labeled_recall"])
+        lines.append(f"  detection: AP {100 * det['ap']:.2f}%, recall {100 * det['recall']:.2f}%, "
+                     f"labeled recall {100 * det['labeled_recall']:.2f}%")
+    if args.json:
+        lines.append(json.dumps(summary))
+    return lines
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of ``qeeps-eval``; returns the exit status (0 ok, 2 user error)."""
+    try:
+        args = _parser().parse_args(argv)
+        lines = _run(args)
+    except (_UsageError, ValueError, OSError) as e:
+        message = " ".join(str(e).split())
+        print(f"qeeps-eval: error: {message}", file=sys.stderr)
+        return 2
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
