@@ -241,3 +241,32 @@ def test_parsed_files_are_cached_and_invalidated(fresh_cuhk, monkeypatch):
     pool_path = os.path.join(root, ANNOTATION, "pool.mat")
     scipy.io.savemat(pool_path, {"pool": np.array(["s5.jpg"], dtype=object)[:, None]})
     assert list(_as_expected(load_cuhk_sysu(root, "test"))) == ["s5.jpg"]
+
+
+def test_cache_falls_back_to_user_folder_then_to_none(fresh_cuhk, tmp_path, monkeypatch):
+    root = fresh_cuhk["root"]
+    with open(os.path.join(root, ".cache"), "w"):  # a file: the root's cache folder cannot exist
+        pass
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "user"))
+    assert len(load_cuhk_sysu(root, "test")) == 6
+    assert any(n.startswith("cuhk_images-") for n in os.listdir(tmp_path / "user" / "qeeps_d2"))
+    monkeypatch.setenv("XDG_CACHE_HOME", os.path.join(root, ".cache"))  # not writable either
+    assert len(load_cuhk_sysu(root, "train")) == 4
+
+
+def test_cache_can_be_disabled(fresh_cuhk, monkeypatch):
+    monkeypatch.setenv("QEEPS_D2_NO_CACHE", "1")
+    assert len(load_cuhk_sysu(fresh_cuhk["root"], "test")) == 6
+    assert not os.path.exists(os.path.join(fresh_cuhk["root"], ".cache"))
+
+
+def test_corrupt_cache_entry_is_recomputed(fresh_cuhk, caplog):
+    root = fresh_cuhk["root"]
+    expected = _as_expected(load_cuhk_sysu(root, "test"))
+    folder = os.path.join(root, ".cache", "qeeps_d2")
+    for name in os.listdir(folder):
+        with open(os.path.join(folder, name), "wb") as f:
+            f.write(b"garbage")
+    with caplog.at_level(logging.WARNING, logger="qeeps_d2.data.parse_cache"):
+        assert _as_expected(load_cuhk_sysu(root, "test")) == expected
+    assert "Ignoring unreadable cache entry" in caplog.text

@@ -118,9 +118,9 @@ def _rewrite_annotation(root, frame, variables):
     ("c1s2_000010", {"box_new": np.ones((2, 4))}, "expected an \\(n, 5\\) numeric array"),
     ("c1s2_000010", {"box_new": np.array([[-5.0, 1, 1, 5, 5]])}, "person id -5"),
     ("c1s2_000010", {"box_new": np.array([[7.0, 10, 10, 0, 5]])},
-     "c1s2_000010.jpg: zero-size box \\[10.0, 10.0, 10.0, 15.0\\]"),
+     "c1s2_000010.jpg: box \\[10.0, 10.0, 10.0, 15.0\\] \\(XYXY\\) is a zero-size box"),
     ("c6s2_000040", {"box_new": np.array([[7.0, 95, 10, 10, 5]])},
-     "c6s2_000040.jpg: box \\[95.0, 10.0, 105.0, 15.0\\] .*outside the 90x72 image"),
+     "c6s2_000040.jpg: box \\[95.0, 10.0, 105.0, 15.0\\] .*outside the image \\(90x72\\)"),
 ])
 def test_bad_annotations(fresh_prw, frame, variables, message):
     _rewrite_annotation(fresh_prw["root"], frame, variables)

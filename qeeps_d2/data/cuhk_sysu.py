@@ -37,7 +37,7 @@ from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
-from .dataset_dicts import UNLABELED, count_past_border, make_image_dict
+from .dataset_dicts import UNLABELED, make_image_dicts
 from .image_sizes import read_image_sizes
 from .mat_files import MatLayoutError, read_mat_key, write_mat
 from .parse_cache import cached, file_fingerprint
@@ -341,11 +341,12 @@ def _split_annotations(root: str, split: str):
     """The images of ``split`` in Images.mat order with their valid boxes and person ids.
 
     Returns:
-        names [N], boxes [N arrays (n_i, 4) xywh float64], pids [N arrays (n_i,) int64].
+        names [N], counts (N,) boxes per image, boxes (M, 4) xywh float64 (consecutive per
+        image), pids (M,) int64.
     """
     if split not in ("train", "test"):
         raise ValueError(f"CUHK-SYSU split must be 'train' or 'test', got {split!r}")
-    names, counts, flat_boxes = _read_images(root)
+    names, counts, boxes = _read_images(root)
     pool = _read_pool(root)
     index = {name: i for i, name in enumerate(names)}
     missing = [name for name in pool if name not in index]
@@ -353,35 +354,30 @@ def _split_annotations(root: str, split: str):
         raise ValueError(f"{os.path.join(root, _POOL)}: {len(missing)} pool images are not in "
                          f"Images.mat, e.g. {missing[:3]}")
     pool_set = set(pool)
-    in_split = [(name in pool_set) == (split == "test") for name in names]
-
-    out_names, out_boxes, out_pids, dropped = [], [], [], 0
-    starts = np.concatenate([[0], np.cumsum(counts)])
-    for i, name in enumerate(names):
-        if not in_split[i]:
-            continue
-        boxes = flat_boxes[starts[i]:starts[i + 1]]
-        valid = (boxes[:, 2] > 0) & (boxes[:, 3] > 0)
-        dropped += int((~valid).sum())
-        if not valid.any():
-            raise ValueError(f"{os.path.join(root, _IMAGES)}: image {name} has no box with "
-                             "positive width and height")
-        out_names.append(name)
-        out_boxes.append(boxes[valid])
-        out_pids.append(np.full(int(valid.sum()), UNLABELED, np.int64))
+    in_split = np.array([(name in pool_set) == (split == "test") for name in names], dtype=bool)
+    owner = np.repeat(np.arange(len(names)), counts)
+    valid = (boxes[:, 2] > 0) & (boxes[:, 3] > 0)
+    keep = in_split[owner] & valid
+    dropped = int((in_split[owner] & ~valid).sum())
     if dropped:
         logger.info("CUHK-SYSU %s: dropped %d boxes with w <= 0 or h <= 0 (Images.mat)", split,
                     dropped)
+    kept = np.bincount(owner[keep], minlength=len(names))
+    empty = np.flatnonzero(in_split & (kept == 0))
+    if len(empty):
+        raise ValueError(f"{os.path.join(root, _IMAGES)}: image {names[empty[0]]} has no box with "
+                         "positive width and height")
+    out_names = [name for name, inside in zip(names, in_split) if inside]
+    out_counts, out_boxes = kept[in_split], boxes[keep]
 
     if split == "train":
         _, person, scene_names, scene_boxes = _read_train(root)
         source = os.path.join(root, _TRAIN)
     else:
-        testg = _read_testg(root, 50)
-        person, scene_names, scene_boxes = _test_labels(testg)
+        person, scene_names, scene_boxes = _test_labels(_read_testg(root, 50))
         source = _testg_path(root, 50)
-    _assign_pids(out_names, out_boxes, out_pids, person, scene_names, scene_boxes, source)
-    return out_names, out_boxes, out_pids
+    pids = _assign_pids(out_names, out_counts, out_boxes, person, scene_names, scene_boxes, source)
+    return out_names, out_counts, out_boxes, pids
 
 
 def _test_labels(testg):
@@ -396,19 +392,23 @@ def _test_labels(testg):
     return np.asarray(person, np.int64), names, np.concatenate(boxes).reshape(-1, 4)
 
 
-def _assign_pids(names, boxes, pids, person, scene_names, scene_boxes, source: str) -> None:
-    """Give pid ``person[s]`` to the first box of ``scene_names[s]`` equal to ``scene_boxes[s]``."""
-    index = {name: i for i, name in enumerate(names)}
+def _assign_pids(names, counts, boxes, person, scene_names, scene_boxes,
+                 source: str) -> np.ndarray:
+    """Person ids of ``boxes``: ``person[s]`` for the first box of image ``scene_names[s]`` equal
+    to ``scene_boxes[s]`` (all four values), -1 for the boxes no scene matches."""
+    owner = np.repeat(np.arange(len(names)), counts).tolist()
+    first: Dict[tuple, int] = {}
+    for k, (i, box) in enumerate(zip(owner, boxes.tolist())):
+        first.setdefault((names[i], *box), k)
+    pids = [UNLABELED] * len(boxes)
     not_found, conflicts = [], 0
-    for pid, name, box in zip(person.tolist(), scene_names, scene_boxes):
-        i = index.get(name)
-        match = np.flatnonzero((boxes[i] == box).all(axis=1)) if i is not None else ()
-        if len(match) == 0:
-            not_found.append((pid, name, box.astype(np.int64).tolist()))
+    for pid, name, box in zip(person.tolist(), scene_names, scene_boxes.tolist()):
+        k = first.get((name, *box))
+        if k is None:
+            not_found.append((pid, name, [int(v) for v in box]))
             continue
-        if pids[i][match[0]] not in (UNLABELED, pid):
-            conflicts += 1
-        pids[i][match[0]] = pid
+        conflicts += pids[k] not in (UNLABELED, pid)
+        pids[k] = pid
     if not_found:
         logger.warning("%s: %d labeled boxes match no box of their image in the split (left "
                        "unlabeled), e.g. (pid, image, xywh) %s", source, len(not_found),
@@ -416,6 +416,7 @@ def _assign_pids(names, boxes, pids, person, scene_names, scene_boxes, source: s
     if conflicts:
         logger.warning("%s: %d boxes were labeled with two different ids (the last one kept)",
                        source, conflicts)
+    return np.asarray(pids, np.int64)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -434,14 +435,11 @@ def load_cuhk_sysu(root: str, split: str) -> List[Dict]:
         ValueError: a file has the wrong layout, a pool image is unknown, a box is out of its image.
     """
     _check_root(root)
-    names, boxes, pids = _split_annotations(root, split)
+    names, counts, boxes, pids = _split_annotations(root, split)
     image_dir = os.path.join(os.path.abspath(root), IMAGE_DIR)
     sizes = read_image_sizes(root, f"cuhk_{split}_sizes", image_dir, names)
-    dicts, past_border = [], 0
-    for name, xywh, pid, (height, width) in zip(names, boxes, pids, sizes.tolist()):
-        xyxy = _xyxy(xywh)
-        past_border += count_past_border(xyxy, height, width)
-        dicts.append(make_image_dict(os.path.join(image_dir, name), height, width, xyxy, pid))
+    dicts, past_border = make_image_dicts([os.path.join(image_dir, name) for name in names],
+                                          sizes, counts, _xyxy(boxes), pids)
     if past_border:
         logger.info("CUHK-SYSU %s: %d boxes extend past their image border (kept as is)", split,
                     past_border)
@@ -532,23 +530,24 @@ def _list_galleries(testg):
 
 
 def _whole_pool_galleries(root: str, queries: List[Query]):
-    names, boxes, pids = _split_annotations(root, "test")
+    names, counts, boxes, pids = _split_annotations(root, "test")
     pool = _read_pool(root)
     position = {name: i for i, name in enumerate(pool)}
+    owner = np.repeat(np.arange(len(names)), counts)
+    xyxy = _xyxy(boxes)
     # pid -> {pool position: first box (xyxy) of that pid in the image}
     positives: Dict[int, Dict[int, np.ndarray]] = {}
-    for name, xywh, pid in zip(names, boxes, pids):
-        xyxy = _xyxy(xywh)
-        for row, p in enumerate(pid.tolist()):
-            if p != UNLABELED:
-                positives.setdefault(p, {}).setdefault(position[name], xyxy[row])
-    pool_array = np.asarray(pool, dtype=object)
+    for k in np.flatnonzero(pids != UNLABELED).tolist():
+        positives.setdefault(int(pids[k]), {}).setdefault(position[names[owner[k]]], xyxy[k])
+    pool_names = np.asarray(pool, dtype=object)
 
     def gallery(i: int) -> Gallery:
-        keep = np.flatnonzero(pool_array != queries[i].image)
+        keep = np.ones(len(pool), dtype=bool)
+        if queries[i].image in position:
+            keep[position[queries[i].image]] = False
         gt = np.full((len(pool), 4), np.nan)
         for j, box in positives.get(queries[i].person_id, {}).items():
             gt[j] = box
-        return Gallery(images=[pool[j] for j in keep], gt_boxes=gt[keep])
+        return Gallery(images=pool_names[keep].tolist(), gt_boxes=gt[keep])
 
     return gallery

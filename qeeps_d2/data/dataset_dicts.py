@@ -7,59 +7,70 @@ Every loader (CUHK-SYSU, PRW, SynthPS) produces one dict per image::
                       "category_id": 0, "person_id": pid (>= 0 labeled, -1 unlabeled)}, ...],
      ...extra keys (PRW: "camera_id")}
 
-Boxes are checked against the image: a zero-size box or one that does not overlap the image at all
-is an error naming the file and the box; a box that only extends past the border is kept as the
-reference loaders keep it (Detectron2 clips it when mapping) and counted.
+Boxes are checked against their image: a zero-size box or one that does not overlap the image at
+all is an error naming the file and the box; a box that only extends past the border is kept as
+the reference loaders keep it (Detectron2 clips it when mapping) and counted.
 """
 from __future__ import annotations
 
 import os
-from typing import Dict, List
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-__all__ = ["XYXY_ABS", "UNLABELED", "make_image_dict", "count_past_border"]
+__all__ = ["XYXY_ABS", "UNLABELED", "make_image_dicts"]
 
 XYXY_ABS = 0  # detectron2.structures.BoxMode.XYXY_ABS, without importing detectron2
 UNLABELED = -1  # person_id of a person without identity
 
 
-def make_image_dict(file_name: str, height: int, width: int, boxes: np.ndarray,
-                    person_ids: np.ndarray, **extra) -> Dict:
-    """Build one image's dataset dict.
+def make_image_dicts(file_names: Sequence[str], sizes: np.ndarray, counts: np.ndarray,
+                     boxes: np.ndarray, person_ids: np.ndarray,
+                     extra: Optional[Dict[str, Sequence]] = None) -> Tuple[List[Dict], int]:
+    """Build the dataset dicts of N images holding M boxes in total.
 
     Args:
-        file_name: absolute path of the image; ``image_id`` is its base name.
-        height, width: image size in pixels.
-        boxes: (n, 4) XYXY absolute pixels.
-        person_ids: (n,) ints, -1 for unlabeled persons.
-        extra: additional per-image keys.
+        file_names: N absolute image paths; ``image_id`` is the base name.
+        sizes: (N, 2) ``(height, width)``.
+        counts: (N,) number of boxes of each image; the boxes are consecutive in ``boxes``.
+        boxes: (M, 4) XYXY absolute pixels.
+        person_ids: (M,) ints, -1 for unlabeled persons.
+        extra: per-image keys, ``key -> N values`` (e.g. ``{"camera_id": [...]}``).
     Returns:
-        the dict. Boxes extending past the border are kept (see :func:`count_past_border`).
+        the N dicts and the number of boxes that extend past their image border (kept).
     Raises:
-        ValueError: a box has zero or negative size or lies entirely outside the image.
+        ValueError: a box has zero or negative size or lies entirely outside its image.
     """
-    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
-    person_ids = np.asarray(person_ids).reshape(-1)
-    if len(person_ids) != len(boxes):
-        raise ValueError(f"{file_name}: {len(boxes)} boxes but {len(person_ids)} person ids")
+    sizes = np.asarray(sizes, np.int64).reshape(-1, 2)
+    counts = np.asarray(counts, np.int64).reshape(-1)
+    boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+    person_ids = np.asarray(person_ids, np.int64).reshape(-1)
+    if not len(file_names) == len(sizes) == len(counts) or counts.sum() != len(boxes) \
+            or len(person_ids) != len(boxes):
+        raise ValueError(f"inconsistent lengths: {len(file_names)} files, {len(sizes)} sizes, "
+                         f"{len(counts)} counts summing to {counts.sum()}, {len(boxes)} boxes, "
+                         f"{len(person_ids)} person ids")
+    owner = np.repeat(np.arange(len(counts)), counts)
+    height, width = sizes[owner, 0], sizes[owner, 1]
     x1, y1, x2, y2 = boxes.T
-    bad = (x2 <= x1) | (y2 <= y1)
-    if bad.any():
-        raise ValueError(f"{file_name}: zero-size box {boxes[np.argmax(bad)].tolist()} (XYXY)")
-    outside = (x1 >= width) | (y1 >= height) | (x2 <= 0) | (y2 <= 0)
-    if outside.any():
-        raise ValueError(f"{file_name}: box {boxes[np.argmax(outside)].tolist()} (XYXY) lies "
-                         f"outside the {width}x{height} image")
-    annotations: List[Dict] = [
-        {"bbox": box, "bbox_mode": XYXY_ABS, "category_id": 0, "person_id": int(pid)}
-        for box, pid in zip(boxes.tolist(), person_ids.tolist())
-    ]
-    return {"file_name": file_name, "image_id": os.path.basename(file_name),
-            "height": int(height), "width": int(width), "annotations": annotations, **extra}
+    for bad, what in (((x2 <= x1) | (y2 <= y1), "is a zero-size box"),
+                      ((x1 >= width) | (y1 >= height) | (x2 <= 0) | (y2 <= 0),
+                       "lies outside the image")):
+        if bad.any():
+            k = int(np.argmax(bad))
+            h, w = sizes[owner[k]]
+            raise ValueError(f"{file_names[owner[k]]}: box {boxes[k].tolist()} (XYXY) {what} "
+                             f"({w}x{h})")
+    past_border = int(((x1 < 0) | (y1 < 0) | (x2 > width) | (y2 > height)).sum())
 
-
-def count_past_border(boxes: np.ndarray, height: int, width: int) -> int:
-    """Number of (n, 4) XYXY boxes that extend beyond the image border."""
-    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
-    return int(((boxes[:, :2] < 0).any(1) | (boxes[:, 2] > width) | (boxes[:, 3] > height)).sum())
+    box_list, pid_list = boxes.tolist(), person_ids.tolist()
+    starts = np.concatenate([[0], np.cumsum(counts)]).tolist()
+    extra = extra or {}
+    dicts = []
+    for i, (file_name, (h, w)) in enumerate(zip(file_names, sizes.tolist())):
+        annotations = [{"bbox": box_list[k], "bbox_mode": XYXY_ABS, "category_id": 0,
+                        "person_id": pid_list[k]} for k in range(starts[i], starts[i + 1])]
+        dicts.append({"file_name": file_name, "image_id": os.path.basename(file_name),
+                      "height": h, "width": w, "annotations": annotations,
+                      **{key: values[i] for key, values in extra.items()}})
+    return dicts, past_border

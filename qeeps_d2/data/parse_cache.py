@@ -64,7 +64,7 @@ def cached(root: str, tag: str, fingerprint: str, compute: Callable[[], T]) -> T
         try:
             with open(path, "rb") as f:
                 return pickle.load(f)
-        except FileNotFoundError:
+        except OSError:  # absent, or the folder is unusable
             continue
         except Exception as e:  # a corrupt or foreign entry: recompute and overwrite it
             logger.warning("Ignoring unreadable cache entry %s: %s", path, e)

@@ -28,13 +28,14 @@ Parsed annotations and image sizes are cached (see :mod:`qeeps_d2.data.parse_cac
 from __future__ import annotations
 
 import importlib.resources
+import logging
 import os
 import re
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .dataset_dicts import UNLABELED, make_image_dict
+from .dataset_dicts import UNLABELED, make_image_dicts
 from .image_sizes import read_image_sizes
 from .mat_files import MatLayoutError, read_mat_key
 from .parse_cache import cached, file_fingerprint
@@ -49,6 +50,8 @@ __all__ = [
     "camera_id",
     "prw_boxes_to_xyxy",
 ]
+
+logger = logging.getLogger(__name__)
 
 PRW_UNLABELED = -2
 _ANNOTATION_KEYS = ("box_new", "anno_file", "anno_previous")
@@ -175,13 +178,16 @@ def load_prw(root: str, split: str) -> List[Dict]:
     image_dir = os.path.join(os.path.abspath(root), "frames")
     names = [f"{frame}.jpg" for frame in frames]
     sizes = read_image_sizes(root, f"prw_{split}_sizes", image_dir, names)
-    dicts = []
-    for frame, name, ann, (height, width) in zip(frames, names, rows, sizes.tolist()):
-        path = _annotation_path(root, frame)
-        dicts.append(make_image_dict(os.path.join(image_dir, name), height, width,
-                                     prw_boxes_to_xyxy(ann[:, 1:]),
-                                     _person_ids(ann[:, 0], id_map, path),
-                                     camera_id=camera_id(frame)))
+    pids = [_person_ids(ann[:, 0], id_map, _annotation_path(root, frame))
+            for frame, ann in zip(frames, rows)]
+    flat = np.concatenate(rows) if rows else np.zeros((0, 5))
+    dicts, past_border = make_image_dicts(
+        [os.path.join(image_dir, name) for name in names], sizes, [len(ann) for ann in rows],
+        prw_boxes_to_xyxy(flat[:, 1:]), np.concatenate(pids) if pids else np.zeros(0, np.int64),
+        extra={"camera_id": [camera_id(frame) for frame in frames]})
+    if past_border:
+        logger.info("PRW %s: %d boxes extend past their image border (kept as is)", split,
+                    past_border)
     return dicts
 
 
@@ -251,7 +257,7 @@ def _protocol(root: str, lines: Sequence[str], source: str, cross_camera: bool,
     frames, rows = _read_annotations(root, "test")
     position = {frame: i for i, frame in enumerate(frames)}
     cameras = np.array([camera_id(frame) for frame in frames])
-    images = [f"{frame}.jpg" for frame in frames]
+    images = np.asarray([f"{frame}.jpg" for frame in frames], dtype=object)
     # pid -> {frame position: first box of the pid in that frame}
     boxes_of: Dict[int, Dict[int, np.ndarray]] = {}
     for i, ann in enumerate(rows):
@@ -277,8 +283,7 @@ def _protocol(root: str, lines: Sequence[str], source: str, cross_camera: bool,
         gt = np.full((len(frames), 4), np.nan)
         for j, box in boxes_of.get(queries[i].person_id, {}).items():
             gt[j] = box
-        index = np.flatnonzero(keep)
-        return Gallery(images=[images[j] for j in index], gt_boxes=gt[index])
+        return Gallery(images=images[keep].tolist(), gt_boxes=gt[keep])
 
     if name is None:
         name = dataset + ("/cross_camera" if cross_camera else "")
