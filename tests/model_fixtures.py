@@ -71,3 +71,38 @@ def pair_inputs(seed=0, with_gt=True):
         )
         pairs[1]["instances"] = random_instances(72, 88, [[20, 10, 60, 70]], [-1], query_pid=4)
     return pairs
+
+
+def scene_inputs(seed=0, with_gt=True):
+    """The gallery images of :func:`pair_inputs` alone (the OIM baseline's training inputs)."""
+    return [
+        {k: v for k, v in x.items() if not k.startswith("query_")}
+        for x in pair_inputs(seed, with_gt)
+    ]
+
+
+def fill_oim_lut(model, seed=0):
+    """Fill the OIM lookup table with random unit rows: with the all-zero initial table the OIM
+    logits are constant and the re-id head would get no gradient on a first step."""
+    oim = model.roi_heads.oim_loss
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        oim.lut.copy_(torch.nn.functional.normalize(torch.randn(oim.lut.shape, generator=g), dim=1))
+
+
+def settle_batchnorm(model, inputs):
+    """Set every BatchNorm's running statistics to those of one training forward on ``inputs``
+    (which need ``instances``), so that the randomly initialised model gives normalised
+    activations, hence non-degenerate detections, in eval mode. Leaves the model in eval mode."""
+    from detectron2.utils.events import EventStorage
+
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.momentum = 1.0
+    model.train()
+    with torch.no_grad(), EventStorage():
+        model(inputs)
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    return model.eval()

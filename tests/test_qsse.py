@@ -177,6 +177,9 @@ def test_backbone_loads_stock_weights_and_pairs_couple_branches():
     paired = qsse_net(x, num_pairs=2)["res4"]
     assert paired.shape == (4, 128, 2, 3)
     assert not torch.allclose(paired, stock_net(x)["res4"], atol=1e-4)
+    # the same image on both branches of a pair: same U, same s, hence the same features
+    same = qsse_net(torch.cat([x[:2], x[:2]]), num_pairs=2)["res4"]
+    assert torch.allclose(same[:2], same[2:], atol=1e-6)
     with pytest.raises(ValueError, match="batch of 4"):
         qsse_net(x, num_pairs=3)
     assert all(b.num_pairs == 0 for b in qsse_net.qsse_blocks)  # reset after the error

@@ -1,0 +1,200 @@
+"""The QEEPS meta-architecture end to end on tiny CPU models: training steps for the Table-1 rows,
+loss weights, inference on pairs / gallery images / query boxes, Siamese weight sharing."""
+import copy
+
+import pytest
+import torch
+
+from detectron2.modeling import build_model
+from detectron2.utils.events import EventStorage
+
+import model_fixtures
+
+BASE_LOSSES = {"loss_rpn_cls", "loss_rpn_loc", "loss_cls", "loss_box_reg", "loss_oim"}
+# (qsse, qrpn, qsimnet): the paper's Table 1 rows
+TABLE1 = {
+    "oim": (False, False, False),
+    "oim+qrpn": (False, True, False),
+    "oim+qsimnet": (False, False, True),
+    "oim+qrpn+qsimnet": (False, True, True),
+    "qeeps": (True, True, True),
+}
+
+
+def _model(qsse=False, qrpn=False, qsimnet=False, freeze_at=0, loss_weights=None):
+    cfg = model_fixtures.tiny_cfg(qsse=qsse, qrpn=qrpn, qsimnet=qsimnet)
+    # sample every foreground proposal, so that the labeled query person always reaches OIM/QSimNet
+    cfg.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE = 64
+    cfg.MODEL.ROI_HEADS.POSITIVE_FRACTION = 1.0
+    cfg.MODEL.BACKBONE.FREEZE_AT = freeze_at
+    for key, value in (loss_weights or {}).items():
+        setattr(cfg.MODEL.QEEPS.LOSS_WEIGHTS, key, value)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    model_fixtures.fill_oim_lut(model)
+    return model
+
+
+def _eval_model(row):
+    model = _model(*TABLE1[row])
+    inputs = model_fixtures.pair_inputs() if model.query_guided else model_fixtures.scene_inputs()
+    return model_fixtures.settle_batchnorm(model, inputs)
+
+
+def _train_step(model, inputs, seed=0):
+    model.train()
+    torch.manual_seed(seed)
+    with EventStorage():
+        losses = model(inputs)
+    sum(losses.values()).backward()
+    return losses
+
+
+@pytest.mark.parametrize("row", list(TABLE1))
+def test_training_step_of_each_table1_row(row):
+    qsse, qrpn, qsimnet = TABLE1[row]
+    model = _model(qsse, qrpn, qsimnet, freeze_at=2 if qsse else 0)
+    assert model.query_guided == any(TABLE1[row])
+    inputs = model_fixtures.pair_inputs() if model.query_guided else model_fixtures.scene_inputs()
+    losses = _train_step(model, inputs)
+    expected = set(BASE_LOSSES)
+    expected |= {"loss_qrpn"} if qrpn else set()
+    expected |= {"loss_sim"} if qsimnet else set()
+    assert set(losses) == expected
+    assert all(torch.isfinite(v) for v in losses.values()), losses
+
+    params = dict(model.named_parameters())
+    guided = {
+        ".qsse.": qsse,
+        "proposal_generator.query_excitation.": qrpn,
+        "proposal_generator.query_head.": qrpn,
+        "roi_heads.qsimnet.": qsimnet,
+        "roi_heads.reid_head.": True,
+    }
+    for part, present in guided.items():
+        names = [n for n in params if part in n]
+        assert bool(names) == present, part
+        assert all(params[n].requires_grad for n in names), part  # QSSE even in frozen stages
+    for name, p in params.items():
+        if p.requires_grad:
+            assert p.grad is not None and p.grad.abs().sum() > 0, f"no gradient for {name}"
+        else:
+            assert name.startswith(("backbone.stem.", "backbone.res2.")) and p.grad is None, name
+    if qsse:  # FREEZE_AT=2 froze the stem and res2 convolutions but not res2's QSSE
+        assert any(n.startswith("backbone.res2.") and ".qsse." in n for n in params)
+        assert not params["backbone.res2.0.conv1.weight"].requires_grad
+
+
+def test_loss_weights_scale_each_term():
+    weights = {"loss_cls": 2.0, "loss_box_reg": 0.5, "LOSS_RPN_CLS": 3.0, "loss_rpn_loc": 0.25,
+               "loss_oim": 4.0, "loss_qrpn": 1.5, "LOSS_SIM": 0.1}
+    weighted = _model(qrpn=True, qsimnet=True, loss_weights=weights)
+    assert weighted.loss_weights == {k.lower(): w for k, w in weights.items()}
+    plain = copy.deepcopy(weighted)
+    plain.loss_weights = {}  # a term missing from MODEL.QEEPS.LOSS_WEIGHTS has weight 1
+    inputs = model_fixtures.pair_inputs()
+    weighted_losses = _train_step(weighted, inputs)
+    plain_losses = _train_step(plain, inputs)
+    assert set(weighted_losses) == set(plain_losses) == {k.lower() for k in weights}
+    for key, w in weights.items():
+        k = key.lower()
+        assert plain_losses[k] != 0, k
+        assert torch.allclose(weighted_losses[k], w * plain_losses[k], rtol=1e-5), k
+
+
+def test_pair_training_with_an_empty_gallery():
+    model = _model(True, True, True)
+    inputs = model_fixtures.pair_inputs()
+    inputs[1]["instances"] = model_fixtures.random_instances(72, 88, [], [], query_pid=4)
+    losses = _train_step(model, inputs)
+    assert all(torch.isfinite(v) for v in losses.values()), losses
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def _rescaled(inputs, scales):
+    """Give each input original height/width = scale x its image size."""
+    for x, s in zip(inputs, scales):
+        x["height"], x["width"] = int(x["image"].shape[1] * s), int(x["image"].shape[2] * s)
+    return inputs
+
+
+@pytest.mark.parametrize("row", ["oim+qrpn", "qeeps"])
+def test_pair_inference_keys_and_rescaling(row):
+    model = _eval_model(row)
+    inputs = _rescaled(model_fixtures.pair_inputs(with_gt=False), [2.0, 0.5])
+    with torch.no_grad():
+        outputs = model(inputs)
+        raw = model.inference(inputs, do_postprocess=False)
+    for out, r, x in zip(outputs, raw, inputs):
+        inst, raw_inst = out["instances"], r["instances"]
+        assert set(inst.get_fields()) == {"pred_boxes", "scores", "pred_classes", "pred_embeds", "pred_sims"}
+        assert inst.image_size == (x["height"], x["width"])
+        assert len(inst) > 0
+        scale = x["height"] / x["image"].shape[1]
+        keep = (raw_inst.pred_boxes.tensor * scale)
+        keep = (keep[:, 2] > keep[:, 0]) & (keep[:, 3] > keep[:, 1])
+        assert torch.allclose(inst.pred_boxes.tensor, raw_inst.pred_boxes.tensor[keep] * scale, atol=1e-4)
+        assert torch.equal(inst.pred_sims, raw_inst.pred_sims[keep])
+        assert (inst.pred_boxes.tensor[:, 2] <= x["width"]).all()
+        assert (inst.pred_boxes.tensor[:, 3] <= x["height"]).all()
+        assert torch.allclose(inst.pred_embeds.norm(dim=1), torch.ones(len(inst)), atol=1e-5)
+
+
+def test_gallery_and_query_inference_and_cosine_pair_similarity():
+    """OIM+QRPN (no QSimNet): pair similarities are cosines with the query box's own embedding."""
+    model = _eval_model("oim+qrpn")
+    gallery = _rescaled(model_fixtures.scene_inputs(with_gt=False), [1.5, 1.0])
+    pair = model_fixtures.pair_inputs(with_gt=False)[0]
+    pair["query_image"] = model_fixtures.pair_inputs(seed=1, with_gt=False)[0]["image"]  # 64 x 96
+    query = {"image": pair["query_image"], "query_box": pair["query_box"]}
+    with torch.no_grad():
+        gallery_out = model(gallery)
+        (query_out,) = model([query])
+        (pair_out,) = model([pair])
+    for out, x in zip(gallery_out, gallery):
+        assert set(out) == {"instances"}
+        inst = out["instances"]
+        assert set(inst.get_fields()) == {"pred_boxes", "scores", "pred_classes", "pred_embeds"}
+        assert inst.image_size == (x["height"], x["width"]) and len(inst) > 0
+        assert (inst.pred_boxes.tensor[:, 2:] <= torch.tensor([x["width"], x["height"]])).all()
+    assert set(query_out) == {"query_embed"}
+    q = query_out["query_embed"]
+    assert q.shape == (16,) and torch.allclose(q.norm(), torch.tensor(1.0), atol=1e-5)
+    inst = pair_out["instances"]
+    assert torch.allclose(inst.pred_sims, inst.pred_embeds @ q, atol=1e-4)
+
+
+def test_mixed_batch_keeps_the_order():
+    """Each output of a gallery/query/pair mix equals that input's output alone (all images are
+    64 x 96, so the padding does not depend on the batch)."""
+    model = _eval_model("oim+qrpn+qsimnet")
+    galleries = [model_fixtures.scene_inputs(seed=s, with_gt=False)[0] for s in (2, 3)]
+    pairs = [model_fixtures.pair_inputs(seed=s, with_gt=False)[0] for s in (4, 5)]
+    query = {"image": galleries[1]["image"], "query_box": torch.tensor([20.0, 4, 50, 60])}
+    batch = [galleries[0], query, pairs[0], galleries[1], pairs[1]]
+    with torch.no_grad():
+        mixed = model(batch)
+        alone = [model([x])[0] for x in batch]
+    assert [set(o) for o in mixed] == [{"instances"}, {"query_embed"}, {"instances"}, {"instances"},
+                                       {"instances"}]
+    assert torch.allclose(mixed[1]["query_embed"], alone[1]["query_embed"], atol=1e-5)
+    for i in (0, 2, 3, 4):
+        a, b = mixed[i]["instances"], alone[i]["instances"]
+        assert a.has("pred_sims") == b.has("pred_sims") == (i in (2, 4))
+        assert len(a) == len(b) > 0
+        assert torch.allclose(a.pred_boxes.tensor, b.pred_boxes.tensor, atol=1e-3)
+        assert torch.allclose(a.scores, b.scores, atol=1e-5)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_siamese_branches_share_weights(training):
+    """Same image on both branches -> identical features, equal to the plain gallery forward."""
+    model = _eval_model("oim+qrpn+qsimnet").train(training)
+    image = model_fixtures.scene_inputs(with_gt=False)[0]
+    pair = {**image, "query_image": image["image"].clone(), "query_box": torch.tensor([10.0, 8, 40, 60])}
+    with torch.no_grad():
+        _, gallery_feats, query_feats, _ = model._siamese_features([pair])
+        plain = model.backbone(model.preprocess_image([image]).tensor)
+    assert torch.equal(gallery_feats["res4"], query_feats["res4"])
+    if not training:  # BN running statistics: the Siamese batch matches a single-image forward
+        assert torch.allclose(gallery_feats["res4"], plain["res4"], rtol=1e-3, atol=1e-4)
