@@ -6,10 +6,12 @@ import pytest
 import torch
 
 from detectron2.modeling import build_model
+from detectron2.structures import Boxes
 from detectron2.utils.events import EventStorage
 
 import model_fixtures
 
+PAIR_FIELDS = {"pred_boxes", "scores", "pred_classes", "pred_embeds", "pred_sims"}
 BASE_LOSSES = {"loss_rpn_cls", "loss_rpn_loc", "loss_cls", "loss_box_reg", "loss_oim"}
 # (qsse, qrpn, qsimnet): the paper's Table 1 rows
 TABLE1 = {
@@ -127,13 +129,13 @@ def test_pair_inference_keys_and_rescaling(row):
         raw = model.inference(inputs, do_postprocess=False)
     for out, r, x in zip(outputs, raw, inputs):
         inst, raw_inst = out["instances"], r["instances"]
-        assert set(inst.get_fields()) == {"pred_boxes", "scores", "pred_classes", "pred_embeds", "pred_sims"}
+        assert set(inst.get_fields()) == PAIR_FIELDS
         assert inst.image_size == (x["height"], x["width"])
         assert len(inst) > 0
         scale = x["height"] / x["image"].shape[1]
-        keep = (raw_inst.pred_boxes.tensor * scale)
-        keep = (keep[:, 2] > keep[:, 0]) & (keep[:, 3] > keep[:, 1])
-        assert torch.allclose(inst.pred_boxes.tensor, raw_inst.pred_boxes.tensor[keep] * scale, atol=1e-4)
+        keep = Boxes(raw_inst.pred_boxes.tensor * scale).nonempty()  # as detector_postprocess
+        expected = raw_inst.pred_boxes.tensor[keep] * scale
+        assert torch.allclose(inst.pred_boxes.tensor, expected, atol=1e-4)
         assert torch.equal(inst.pred_sims, raw_inst.pred_sims[keep])
         assert (inst.pred_boxes.tensor[:, 2] <= x["width"]).all()
         assert (inst.pred_boxes.tensor[:, 3] <= x["height"]).all()
@@ -191,7 +193,8 @@ def test_siamese_branches_share_weights(training):
     """Same image on both branches -> identical features, equal to the plain gallery forward."""
     model = _eval_model("oim+qrpn+qsimnet").train(training)
     image = model_fixtures.scene_inputs(with_gt=False)[0]
-    pair = {**image, "query_image": image["image"].clone(), "query_box": torch.tensor([10.0, 8, 40, 60])}
+    pair = {**image, "query_image": image["image"].clone(),
+            "query_box": torch.tensor([10.0, 8, 40, 60])}
     with torch.no_grad():
         _, gallery_feats, query_feats, _ = model._siamese_features([pair])
         plain = model.backbone(model.preprocess_image([image]).tensor)

@@ -66,7 +66,7 @@ def test_label_query_anchors_best_anchor_rule_and_edge_cases():
 def _sampling_anchors(num_pos, num_neg):
     """num_pos copies of the query box, then num_neg boxes far from everybody."""
     pos = torch.tensor([[0.0, 0, 10, 10]]).repeat(num_pos, 1)
-    neg = torch.tensor([[60.0, 60, 70, 70]]).repeat(num_neg, 1) + torch.arange(num_neg)[:, None] * 0.01
+    neg = torch.tensor([[60.0, 60, 70, 70]]) + torch.arange(num_neg)[:, None] * 0.01
     ignored = torch.tensor([[0.0, 0, 10, 5]]).repeat(7, 1)
     return Boxes(torch.cat([pos, ignored, neg]))
 
@@ -87,7 +87,8 @@ def test_query_losses_sample_128_anchors_half_positive(num_pos, num_neg):
         assert zero.item() == pytest.approx((sampled_pos + sampled_neg) * math.log(2) / 128)
         # logit 10 everywhere: positives cost softplus(-10), negatives softplus(10)
         ten = qrpn.query_losses([anchors], [torch.full((2, n), 10.0)], gt)
-    expected = (sampled_pos * F.softplus(torch.tensor(-10.0)) + sampled_neg * F.softplus(torch.tensor(10.0))) / 128
+    softplus = F.softplus(torch.tensor([-10.0, 10.0]))
+    expected = (sampled_pos * softplus[0] + sampled_neg * softplus[1]) / 128
     assert ten.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
@@ -96,10 +97,13 @@ def _rpn_inputs(seed=0):
     images = ImageList(torch.zeros(2, 3, 128, 192), [(128, 192), (112, 176)])
     features = {"res4": torch.rand(2, 128, 8, 12, generator=g)}
     query_features = {"res4": torch.rand(2, 128, 8, 12, generator=g)}
-    query_boxes = [Boxes(torch.tensor([[10.0, 8, 60, 100]])), Boxes(torch.tensor([[70.0, 20, 120, 110]]))]
+    query_boxes = [Boxes(torch.tensor([[10.0, 8, 60, 100]])),
+                   Boxes(torch.tensor([[70.0, 20, 120, 110]]))]
     gt = [
-        model_fixtures.random_instances(128, 192, [[20, 10, 70, 110], [100, 20, 150, 120]], [1, -1], 1),
-        model_fixtures.random_instances(112, 176, [[30, 5, 80, 100]], [3], 3),
+        model_fixtures.random_instances(
+            128, 192, [[20, 10, 70, 110], [100, 20, 150, 120]], [1, -1], query_pid=1
+        ),
+        model_fixtures.random_instances(112, 176, [[30, 5, 80, 100]], [3], query_pid=3),
     ]
     return images, features, gt, query_features, query_boxes
 

@@ -1,4 +1,4 @@
-"""QSimNet (paper Sec. 4.3) and the QEEPS ROI head (Res5 + ClsNet/RegNet + OIM ID branch + QSimNet)."""
+"""QSimNet (paper Sec. 4.3) and the QEEPS ROI head (Res5 + ClsNet/RegNet + OIM + QSimNet)."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,6 +14,7 @@ import model_fixtures
 
 SHAPE = {"res4": ShapeSpec(channels=128, stride=16)}
 EMBED_DIM = 16  # MODEL.QEEPS.EMBED_DIM of the tiny config
+PAIR_FIELDS = {"pred_boxes", "scores", "pred_classes", "pred_embeds", "pred_sims"}
 
 
 # ---------------------------------------------------------------------------------- QSimNet
@@ -168,7 +169,7 @@ def test_inference_without_qsimnet_uses_cosine_similarity():
         assert res.pred_embeds.shape == (len(res), EMBED_DIM)
         assert torch.allclose(res.pred_embeds.norm(dim=1), torch.ones(len(res)), atol=1e-5)
     for res, q in zip(with_query, query_embeds):
-        assert set(res.get_fields()) == {"pred_boxes", "scores", "pred_classes", "pred_embeds", "pred_sims"}
+        assert set(res.get_fields()) == PAIR_FIELDS
         assert torch.allclose(res.pred_sims, res.pred_embeds @ q)
 
 

@@ -162,7 +162,7 @@ def test_backbone_keeps_stock_names_and_places_qsse_in_chosen_stages(depth, stag
     )
     # FREEZE_AT=2 freezes stem + res2 convolutions, not their QSSE
     for name, p in qsse_net.named_parameters():
-        frozen_conv = (name.startswith("stem.") or name.startswith("res2.")) and ".qsse." not in name
+        frozen_conv = name.startswith(("stem.", "res2.")) and ".qsse." not in name
         assert p.requires_grad != frozen_conv, name
 
 
