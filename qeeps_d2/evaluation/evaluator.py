@@ -40,9 +40,6 @@ __all__ = ["PersonSearchEvaluator"]
 
 logger = logging.getLogger(__name__)
 
-_NO_ROWS = np.zeros((0, 6), dtype=np.float64)
-
-
 def _to_numpy(t) -> np.ndarray:
     return t.detach().cpu().numpy()
 
@@ -125,8 +122,9 @@ class PersonSearchEvaluator(DatasetEvaluator):
         """Per-query rows with similarity = gallery embeddings . query embedding."""
         names = sorted(self._gallery)
         parts = [self._gallery[n] for n in names]
-        ends = np.cumsum([len(scores) for _, scores, _ in parts], dtype=np.int64)
-        span = {n: (int(e) - len(p[1]), int(e)) for n, p, e in zip(names, parts, ends)}
+        counts = np.array([len(scores) for _, scores, _ in parts], dtype=np.int64)
+        starts = dict(zip(names, (np.cumsum(counts) - counts).tolist()))
+        count = dict(zip(names, counts.tolist()))
         boxes_scores = np.concatenate(
             [np.zeros((0, 5))] + [np.c_[boxes, scores] for boxes, scores, _ in parts]
         ).astype(np.float64)
@@ -134,14 +132,16 @@ class PersonSearchEvaluator(DatasetEvaluator):
         results = []
         for i in self._query_indices:
             gallery = {}
-            if i in self._query_embeds and parts:
-                sims = (embeds @ self._query_embeds[i]).astype(np.float64)
-                rows = np.c_[boxes_scores, sims]
-                gallery = {
-                    n: rows[span[n][0] : span[n][1]]
-                    for n in dict.fromkeys(self._protocol.gallery(i).images)
-                    if n in span
-                }
+            present = [n for n in dict.fromkeys(self._protocol.gallery(i).images) if n in starts]
+            if i in self._query_embeds and present:
+                # rows of this query's gallery images only, one block per image
+                lengths = np.array([count[n] for n in present], dtype=np.int64)
+                ends = np.cumsum(lengths)
+                first = np.array([starts[n] for n in present], dtype=np.int64)
+                idx = np.repeat(first - (ends - lengths), lengths) + np.arange(ends[-1])
+                sims = (embeds[idx] @ self._query_embeds[i]).astype(np.float64)
+                rows = np.c_[boxes_scores[idx], sims]
+                gallery = {n: rows[e - k : e] for n, k, e in zip(present, lengths, ends)}
             results.append(QueryResult(i, self._protocol.queries[i].image, gallery))
         self._warn_missing(
             "queries have no query embedding; they score 0",

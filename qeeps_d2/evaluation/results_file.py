@@ -130,7 +130,7 @@ def write_results(
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     text = json.dumps(doc, separators=(",", ":"), allow_nan=False)
     if path.endswith(".gz"):
-        with gzip.open(path, "wt", encoding="utf-8", compresslevel=6) as f:
+        with gzip.open(path, "wt", encoding="utf-8", compresslevel=1) as f:
             f.write(text)
     else:
         with open(path, "w", encoding="utf-8") as f:
@@ -186,11 +186,24 @@ def _parse_query(path: str, position: int, q: Any) -> QueryResult:
         raise ValueError(f"{path}: {where}: image must be a non-empty string, got {image!r}")
     if not isinstance(gallery, dict):
         raise ValueError(f"{path}: {where}: gallery must be an object image -> rows")
-    rows = {
-        name: _parse_rows(path, f"query {index} gallery image {name!r}", r, 6)
-        for name, r in gallery.items()
+    return QueryResult(index, image, _parse_gallery(path, index, gallery))
+
+
+def _parse_gallery(path: str, index: int, gallery: Dict[str, Any]) -> Dict[str, np.ndarray]:
+    """Rows of one query's gallery, checked in one go; image by image only to name an error."""
+    values = list(gallery.values())
+    if values and all(isinstance(rows, list) for rows in values):
+        try:
+            stacked = _parse_rows(path, f"query {index}", [r for rows in values for r in rows], 6)
+        except ValueError:
+            stacked = None  # malformed: found and reported image by image below
+        if stacked is not None:
+            ends = np.cumsum([len(rows) for rows in values]).tolist()
+            return {n: stacked[e - len(rows) : e] for (n, rows), e in zip(gallery.items(), ends)}
+    return {
+        name: _parse_rows(path, f"query {index} gallery image {name!r}", rows, 6)
+        for name, rows in gallery.items()
     }
-    return QueryResult(index, image, rows)
 
 
 def read_results(path: str) -> SearchResults:
