@@ -188,3 +188,37 @@ def test_duplicate_gallery_entries_give_one_pair_record():
     dup = SearchProtocol(p.name, p.dataset, p.queries[:1],
                          lambda i: Gallery(["a.jpg", "a.jpg"], np.array([BIG, BIG])), "/img")
     assert [r["image_id"] for r in build_search_records(dup, "pairs")] == ["a.jpg"]
+
+
+@pytest.mark.parametrize("guided", [False, True], ids=["agnostic", "pairs"])
+def test_real_model_and_loader_agree_with_qeeps_eval(guided, tmp_path, monkeypatch, capsys, caplog):
+    """The QEEPS model, mapper and test loader on the CUHK-SYSU fixture: every record gets an
+    output, and qeeps-eval scores the written file exactly as the evaluator did."""
+    import dataset_fixtures
+    import model_fixtures
+    from detectron2.modeling import build_model
+
+    from qeeps_d2.data.build import build_person_search_test_loader, load_test_protocol
+    from qeeps_d2.evaluation.cli import main
+
+    dataset_fixtures.make_cuhk_sysu_fixture(str(tmp_path / "CUHK-SYSU"))
+    monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path))
+    torch.manual_seed(0)
+    cfg = model_fixtures.tiny_cfg(qsse=guided, qrpn=guided, qsimnet=guided)
+    cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.0
+    protocol = load_test_protocol(cfg, "cuhk_sysu_test")
+    loader = build_person_search_test_loader(cfg, "cuhk_sysu_test", protocol)
+    evaluator = PersonSearchEvaluator("cuhk_sysu_test", protocol, str(tmp_path), det_thresh=0.0)
+    with caplog.at_level(logging.WARNING, logger="qeeps_d2.evaluation.evaluator"):
+        results = inference_on_dataset(build_model(cfg), loader, evaluator)
+    assert "no model output" not in caplog.text and "no query embedding" not in caplog.text
+    assert ("detection" in results) != guided
+    path = str(tmp_path / "cuhk_sysu_test_results.json.gz")
+    assert main(["--dataset", "cuhk_sysu_test", "--det-thresh", "0", "--json", path]) == 0
+    cli = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for key in ("mAP", "top1", "top5", "top10"):
+        assert 100 * cli[key] == results["person_search"][key]
+    assert cli["num_queries"] == results["person_search"]["num_queries"] == 2
+    if not guided:
+        assert 100 * cli["det_recall"] == results["detection"]["recall"]
+        assert 100 * cli["det_ap"] == results["detection"]["AP"]
