@@ -104,9 +104,11 @@ def test_detection_metrics_from_gallery_detections(tmp_path, capsys):
 # query 2 (pid 7): no detection submitted.
 PRW_QUERIES = [
     {"index": 0, "image": "c1s2_000010.jpg", "gallery": {
-        "c2s2_000020.jpg": [[10, 10, 31, 61, 0.9, 0.9]], "c6s2_000040.jpg": [[30, 30, 50, 70, 0.9, 0.95]]}},
+        "c2s2_000020.jpg": [[10, 10, 31, 61, 0.9, 0.9]],
+        "c6s2_000040.jpg": [[30, 30, 50, 70, 0.9, 0.95]]}},
     {"index": 1, "image": "c2s2_000021.jpg", "gallery": {
-        "c1s2_000011.jpg": [[5, 5, 30, 65, 0.9, 0.7]], "c6s2_000040.jpg": [[30, 30, 50, 70, 0.9, 0.75]]}},
+        "c1s2_000011.jpg": [[5, 5, 30, 65, 0.9, 0.7]],
+        "c6s2_000040.jpg": [[30, 30, 50, 70, 0.9, 0.75]]}},
     {"index": 2, "image": "c3s3_000030.jpg", "gallery": {}},
 ]
 
@@ -143,19 +145,20 @@ def _error(capsys, argv):
 
 def test_user_errors_are_one_line_exit_2(tmp_path, capsys, monkeypatch):
     good = _write(tmp_path, "cuhk_sysu_test", CUHK_QUERIES)
+    cuhk = ["--dataset", "cuhk_sysu_test"]
     assert "invalid choice: 'coco'" in _error(capsys, ["--dataset", "coco", good])
-    assert "RESULTS" in _error(capsys, ["--dataset", "cuhk_sysu_test"])
-    assert "not found" in _error(capsys, ["--dataset", "cuhk_sysu_test", str(tmp_path / "no.json")])
-    assert "gallery size 77" in _error(capsys, ["--dataset", "cuhk_sysu_test", "--gallery-size", "77", good])
-    assert "--det-thresh must be >= 0" in _error(capsys, ["--dataset", "cuhk_sysu_test", "--det-thresh", "-1", good])
+    assert "RESULTS" in _error(capsys, cuhk)
+    assert "not found" in _error(capsys, cuhk + [str(tmp_path / "no.json")])
+    assert "gallery size 77" in _error(capsys, cuhk + ["--gallery-size", "77", good])
+    assert "--det-thresh must be >= 0" in _error(capsys, cuhk + ["--det-thresh", "-1", good])
     bad_image = [dict(CUHK_QUERIES[0], image="s9.jpg")]
     path = _write(tmp_path, "cuhk_sysu_test", bad_image, name="bad.json")
-    assert "query 0 image is 's9.jpg'" in _error(capsys, ["--dataset", "cuhk_sysu_test", path])
+    assert "query 0 image is 's9.jpg'" in _error(capsys, cuhk + [path])
     path = _write(tmp_path, "cuhk_sysu_test", CUHK_QUERIES, name="thr.json", min_det_score=0.5)
-    assert "det_score >= 0.5" in _error(capsys, ["--dataset", "cuhk_sysu_test", "--det-thresh", "0.3", path])
+    assert "det_score >= 0.5" in _error(capsys, cuhk + ["--det-thresh", "0.3", path])
     malformed = tmp_path / "malformed.json"
     malformed.write_text('{"format": "qeeps-results/1", "dataset": "cuhk_sysu_test", "queries": 3}')
-    assert "'queries' must be a list" in _error(capsys, ["--dataset", "cuhk_sysu_test", str(malformed)])
+    assert "'queries' must be a list" in _error(capsys, cuhk + [str(malformed)])
     monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path / "nowhere"))
     message = _error(capsys, ["--dataset", "cuhk_sysu_test", good])
     assert os.path.join("nowhere", "CUHK-SYSU") in message

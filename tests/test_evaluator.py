@@ -39,9 +39,11 @@ def _dicts():
         {"image_id": "a.jpg", "annotations": [ann(BIG, 0), ann([300, 0, 400, 200], -1)]},
         {"image_id": "b.jpg", "annotations": [ann(B_TARGET, 1), ann(BIG, -1)]},
         # 60 x 150 px as XYWH: checks the box-mode conversion
-        {"image_id": "c.jpg", "annotations": [ann(C_TARGET, 1),
-                                              {"bbox": [500, 0, 60, 150], "bbox_mode": BoxMode.XYWH_ABS,
-                                               "category_id": 0, "person_id": 2}]},
+        {"image_id": "c.jpg", "annotations": [
+            ann(C_TARGET, 1),
+            {"bbox": [500, 0, 60, 150], "bbox_mode": BoxMode.XYWH_ABS, "category_id": 0,
+             "person_id": 2},
+        ]},
         {"image_id": "q0.jpg", "annotations": [ann(BIG, 0)]},
     ]
 
@@ -90,7 +92,8 @@ class FakeModel:
         for x in inputs:
             self.seen.append(x)
             if "query_file_name" in x:
-                outputs.append({"instances": _instances(PAIR_OUT[(x["query_index"], x["image_id"])], "pred_sims")})
+                rows = PAIR_OUT[(x["query_index"], x["image_id"])]
+                outputs.append({"instances": _instances(rows, "pred_sims")})
             elif "query_box" in x:
                 outputs.append({"query_embed": torch.tensor(QUERY_OUT[x["query_index"]])})
             else:
@@ -100,7 +103,8 @@ class FakeModel:
 
 def _run(mode, tmp_path, query_indices=None, skip=()):
     protocol = _protocol()
-    records = [r for r in build_search_records(protocol, mode, query_indices) if r["image_id"] not in skip]
+    records = build_search_records(protocol, mode, query_indices)
+    records = [r for r in records if r["image_id"] not in skip]
     batches = [records[i : i + 2] for i in range(0, len(records), 2)]  # a list works as a loader
     evaluator = PersonSearchEvaluator(
         DATASET, protocol, output_dir=str(tmp_path), query_indices=query_indices
@@ -129,7 +133,8 @@ def test_agnostic_mode_hand_computed(tmp_path):
     q1 = written.queries[1]
     assert (q1.index, q1.image, sorted(q1.gallery)) == (1, "q1.jpg", ["b.jpg", "c.jpg"])
     # rows of b.jpg for query 1: boxes, scores, similarity = embedding . (0.6, 0.8)
-    np.testing.assert_allclose(q1.gallery["b.jpg"], [B_TARGET + [0.95, 1.0], BIG + [0.7, 0.96]], rtol=1e-6)
+    expected = [B_TARGET + [0.95, 1.0], BIG + [0.7, 0.96]]
+    np.testing.assert_allclose(q1.gallery["b.jpg"], expected, rtol=1e-6)
     # the 0.3-score detection of a.jpg is below det_thresh: not written
     assert written.gallery_detections["a.jpg"].shape == (2, 5)
 
@@ -175,8 +180,9 @@ def test_records_cover_the_protocol():
                            "query_box": C_TARGET, "query_index": 1}
     pairs = build_search_records(protocol, "pairs", query_indices=[1])
     assert [(r["query_index"], r["image_id"]) for r in pairs] == [(1, "c.jpg"), (1, "b.jpg")]
-    assert pairs[0] == {"file_name": "/img/c.jpg", "image_id": "c.jpg", "query_file_name": "/img/q1.jpg",
-                        "query_image_id": "q1.jpg", "query_box": C_TARGET, "query_index": 1}
+    assert pairs[0] == {"file_name": "/img/c.jpg", "image_id": "c.jpg",
+                        "query_file_name": "/img/q1.jpg", "query_image_id": "q1.jpg",
+                        "query_box": C_TARGET, "query_index": 1}
     with pytest.raises(ValueError, match="unknown search mode"):
         build_search_records(protocol, "crops")
     with pytest.raises(ValueError, match="query index 5 out of range"):

@@ -28,7 +28,9 @@ def _queries():
 def test_round_trip(tmp_path, name):
     path = str(tmp_path / "sub" / name)
     dets = {"a.jpg": np.array([[1, 2, 3, 4, 0.7]])}
-    write_results(path, "cuhk_sysu_test", _queries(), gallery_detections=dets, partial=True, mode="x")
+    write_results(
+        path, "cuhk_sysu_test", _queries(), gallery_detections=dets, partial=True, mode="x"
+    )
     r = read_results(path)
     assert r.dataset == "cuhk_sysu_test"
     assert r.extra == {"partial": True, "mode": "x"}
@@ -59,7 +61,7 @@ def _doc(**changes):
     doc = {
         "format": RESULTS_FORMAT,
         "dataset": "prw_test",
-        "queries": [{"index": 0, "image": "q.jpg", "gallery": {"a.jpg": [[0, 0, 10, 20, 0.9, 0.5]]}}],
+        "queries": _query_with(),
     }
     doc.update(changes)
     return doc
@@ -124,7 +126,10 @@ def test_read_rejects_unreadable_files(tmp_path):
 
 
 def _protocol():
-    galleries = [Gallery(["a.jpg", "b.jpg"], np.full((2, 4), np.nan)), Gallery(["c.jpg"], np.full((1, 4), np.nan))]
+    galleries = [
+        Gallery(["a.jpg", "b.jpg"], np.full((2, 4), np.nan)),
+        Gallery(["c.jpg"], np.full((1, 4), np.nan)),
+    ]
     queries = [Query(0, "q.jpg", np.zeros(4), 1), Query(1, "r.jpg", np.zeros(4), 2)]
     return SearchProtocol("prw_test", "prw_test", queries, galleries.__getitem__)
 
@@ -134,7 +139,8 @@ def _protocol():
     [
         (_doc(dataset="prw_mini_test"), "results are for data set 'prw_mini_test'"),
         (_doc(queries=_query_with(index=2)), "query index 2 out of range"),
-        (_doc(queries=_query_with(image="r.jpg")), "query 0 image is 'r.jpg', the protocol's is 'q.jpg'"),
+        (_doc(queries=_query_with(image="r.jpg")),
+         "query 0 image is 'r.jpg', the protocol's is 'q.jpg'"),
         (_doc(queries=_query_with(gallery={"c.jpg": []})), "image 'c.jpg' is not in its gallery"),
     ],
 )

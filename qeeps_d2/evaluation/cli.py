@@ -2,7 +2,8 @@
 
 ::
 
-    qeeps-eval --dataset NAME [--gallery-size N] [--cross-camera] [--det-thresh 0.5] [--json] RESULTS
+    qeeps-eval --dataset NAME [--gallery-size N] [--cross-camera] [--det-thresh 0.5] [--json]
+               RESULTS
 
 Prints mAP, top-1/5/10 and the number of queries (and detection AP / recall when the file holds
 query-independent ``gallery_detections``). A file covering only some queries is scored on those
@@ -58,7 +59,9 @@ def _parser() -> argparse.ArgumentParser:
 def _setting(args) -> str:
     if args.dataset in _CAMERA_SETS:
         return "cross-camera protocol" if args.cross_camera else "standard protocol"
-    return "gallery size: whole pool" if args.gallery_size == -1 else f"gallery size {args.gallery_size}"
+    if args.gallery_size == -1:
+        return "gallery size: whole pool"
+    return f"gallery size {args.gallery_size}"
 
 
 def _detection_metrics(
@@ -69,7 +72,8 @@ def _detection_metrics(
     stray = sorted(set(results.gallery_detections) - wanted)
     if stray:
         raise ValueError(
-            f"gallery_detections holds image {stray[0]!r}, not a gallery image of the scored queries"
+            f"gallery_detections holds image {stray[0]!r}, not a gallery image of the scored "
+            "queries"
         )
     return evaluate_detections(ground_truth, results.gallery_detections, det_thresh)
 
@@ -93,7 +97,8 @@ def _run(args) -> List[str]:
                    partial=n < total, num_queries_total=total)
 
     lines = [f"Person search on {args.dataset} ({_setting(args)}), det_thresh {args.det_thresh:g}"]
-    lines.append(f"  {'queries':<7}{n:7d}" + (f"  (partial: {n} of {total} queries)" if n < total else ""))
+    partial = f"  (partial: {n} of {total} queries)" if n < total else ""
+    lines.append(f"  {'queries':<7}{n:7d}{partial}")
     metrics = [("mAP", "mAP")] + [(f"top-{k}", f"top{k}") for k in TOP_K]
     lines += [f"  {label:<7}{100 * summary[key]:7.2f}%" for label, key in metrics]
     if scores.num_without_target:

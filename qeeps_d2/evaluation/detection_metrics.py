@@ -21,21 +21,12 @@ from typing import Collection, Dict, Iterable, Mapping, Tuple
 import numpy as np
 
 from .average_precision import average_precision
+from .box_iou import box_iou
 
-__all__ = ["evaluate_detections", "detection_ground_truth", "pairwise_iou"]
+__all__ = ["evaluate_detections", "detection_ground_truth"]
 
 # Detectron2 BoxMode values (kept as ints so that this module stays numpy-only).
 _XYXY_ABS, _XYWH_ABS = 0, 1
-
-
-def pairwise_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """(M, N) IoU of (M, 4) and (N, 4) XYXY boxes, continuous coordinates (no +1)."""
-    iw = np.clip(np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0]), 0, None)
-    ih = np.clip(np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1]), 0, None)
-    inter = iw * ih
-    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
-    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    return inter / (area_a[:, None] + area_b[None, :] - inter)
 
 
 def detection_ground_truth(
@@ -63,7 +54,9 @@ def detection_ground_truth(
             if int(a["bbox_mode"]) == _XYWH_ABS:
                 box = np.r_[box[:2], box[:2] + box[2:]]
             elif int(a["bbox_mode"]) != _XYXY_ABS:
-                raise ValueError(f"{name}: unsupported bbox_mode {a['bbox_mode']!r} (XYXY_ABS or XYWH_ABS)")
+                raise ValueError(
+                    f"{name}: unsupported bbox_mode {a['bbox_mode']!r} (XYXY_ABS or XYWH_ABS)"
+                )
             boxes.append(box)
             pids.append(int(a.get("person_id", -1)))
         ground_truth[name] = (np.asarray(boxes).reshape(-1, 4), np.asarray(pids, dtype=np.int64))
@@ -74,7 +67,7 @@ def _match_image(gt: np.ndarray, det: np.ndarray, iou_thresh: float) -> np.ndarr
     """(N,) bool: which of the N detections are true positives against the (M, 4) ground truth."""
     if len(gt) == 0 or len(det) == 0:
         return np.zeros(len(det), dtype=bool)
-    iou = pairwise_iou(gt, det[:, :4])
+    iou = box_iou(gt[:, None], det[None, :, :4])
     tf = iou >= iou_thresh
     best_gt = np.zeros_like(tf)
     best_gt[iou.argmax(axis=0), np.arange(iou.shape[1])] = True
@@ -129,7 +122,8 @@ def evaluate_detections(
         raise ValueError(
             f"detections for {len(unknown)} image(s) without ground truth, e.g. {unknown[0]!r}"
         )
-    boxes = {name: np.asarray(b, np.float64).reshape(-1, 4) for name, (b, _) in ground_truth.items()}
+    boxes = {name: np.asarray(b, np.float64).reshape(-1, 4) 
+             for name, (b, _) in ground_truth.items()}
     labeled = {}
     for name, (b, pids) in ground_truth.items():
         keep = np.asarray(pids) >= 0

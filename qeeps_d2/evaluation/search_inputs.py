@@ -27,7 +27,9 @@ __all__ = ["SEARCH_MODES", "build_search_records", "check_query_indices"]
 SEARCH_MODES = ("agnostic", "pairs")
 
 
-def check_query_indices(protocol: SearchProtocol, query_indices: Optional[Sequence[int]]) -> List[int]:
+def check_query_indices(
+    protocol: SearchProtocol, query_indices: Optional[Sequence[int]]
+) -> List[int]:
     """The sorted distinct query indices to evaluate (all when None); ValueError if out of range."""
     if query_indices is None:
         return list(range(len(protocol)))

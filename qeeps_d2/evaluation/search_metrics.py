@@ -35,6 +35,7 @@ import numpy as np
 
 from ..data.search_protocol import Gallery, SearchProtocol
 from .average_precision import average_precision_sorted
+from .box_iou import box_iou
 
 __all__ = [
     "TOP_K",
@@ -119,16 +120,6 @@ def iou_thresholds(gt_boxes: np.ndarray) -> np.ndarray:
     return np.minimum(0.5, (w * h) / ((w + 10.0) * (h + 10.0)))
 
 
-def _paired_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """(N,) IoU of row i of ``a`` with row i of ``b``, both (N, 4) XYXY, continuous coordinates."""
-    iw = np.maximum(0.0, np.minimum(a[:, 2], b[:, 2]) - np.maximum(a[:, 0], b[:, 0]))
-    ih = np.maximum(0.0, np.minimum(a[:, 3], b[:, 3]) - np.maximum(a[:, 1], b[:, 1]))
-    inter = iw * ih
-    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
-    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    return inter / (area_a + area_b - inter)
-
-
 def score_query(
     gallery: Gallery, detections: Mapping[str, np.ndarray], det_thresh: float = 0.5
 ) -> QueryScore:
@@ -157,7 +148,7 @@ def score_query(
     gt = gallery.gt_boxes[entry]
     matchable = ~np.isnan(gt[:, 0])
     candidate = np.zeros(len(rows), dtype=bool)
-    candidate[matchable] = _paired_iou(rows[matchable, :4], gt[matchable]) >= iou_thresholds(
+    candidate[matchable] = box_iou(rows[matchable, :4], gt[matchable]) >= iou_thresholds(
         gt[matchable]
     )
     # The first candidate (in descending similarity) of each entry is its true positive.
