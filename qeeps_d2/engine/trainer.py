@@ -10,6 +10,7 @@ from detectron2.config import get_cfg
 from detectron2.data import get_detection_dataset_dicts
 from detectron2.engine import DefaultTrainer, default_setup
 
+from qeeps_d2.checkpoint import install_qeeps_checkpointer
 from qeeps_d2.config import add_qeeps_config, resolve_epoch_schedule
 from qeeps_d2.data.build import (
     build_person_search_test_loader,
@@ -26,7 +27,12 @@ logger = logging.getLogger(__name__)
 
 
 class Trainer(DefaultTrainer):
-    """``DefaultTrainer`` with person-search data loaders and the person-search evaluator."""
+    """``DefaultTrainer`` with person-search data loaders, the person-search evaluator and the
+    QEEPS checkpointer (torchvision weights, safe loading of our own checkpoints)."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        install_qeeps_checkpointer(self)
 
     @classmethod
     def build_train_loader(cls, cfg):
@@ -58,11 +64,13 @@ def num_train_records(cfg) -> int:
     return len(dicts)
 
 
-def setup_cfg(config_file: str, opts=(), args=None):
+def setup_cfg(config_file: str, opts=(), args=None, resolve_schedule: bool = True):
     """get_cfg + add_qeeps_config + file + overrides, device fallback, epoch schedule, freeze.
 
     With ``args`` (from ``default_argument_parser``) also runs Detectron2's ``default_setup``
-    (output dir, logging, environment dump, seeding).
+    (output dir, logging, environment dump, seeding). ``resolve_schedule`` turns
+    ``SOLVER.EPOCHS`` into iterations, which reads the training data set (skipped for
+    ``--eval-only``).
     """
     cfg = get_cfg()
     add_qeeps_config(cfg)
@@ -71,7 +79,7 @@ def setup_cfg(config_file: str, opts=(), args=None):
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         logger.warning("MODEL.DEVICE is %s but CUDA is not available: using the CPU", cfg.MODEL.DEVICE)
         cfg.MODEL.DEVICE = "cpu"
-    if cfg.SOLVER.EPOCHS > 0 and not (args is not None and args.eval_only):
+    if resolve_schedule and not (args is not None and args.eval_only):
         resolve_epoch_schedule(cfg, num_train_records(cfg))
     cfg.freeze()
     if args is not None:
