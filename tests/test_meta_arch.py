@@ -201,3 +201,40 @@ def test_siamese_branches_share_weights(training):
     assert torch.equal(gallery_feats["res4"], query_feats["res4"])
     if not training:  # BN running statistics: the Siamese batch matches a single-image forward
         assert torch.allclose(gallery_feats["res4"], plain["res4"], rtol=1e-3, atol=1e-4)
+
+
+def test_pairs_of_one_query_share_its_backbone_pass():
+    """Without QSSE, pairs with the same query_index run the query image once; the outputs equal
+    those of the pairs run one by one (all images are 64 x 96: padding does not change)."""
+    model = _eval_model("oim+qrpn+qsimnet")
+    query = model_fixtures.pair_inputs(seed=6, with_gt=False)[0]
+    galleries = [model_fixtures.scene_inputs(seed=s, with_gt=False)[0] for s in (7, 8, 9)]
+    pairs = [{**g, "query_image": query["query_image"], "query_box": query["query_box"],
+              "query_index": 3} for g in galleries]
+    calls = []
+    hook = model.backbone.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+    with torch.no_grad():
+        batched = model(pairs)
+        alone = [model([p])[0] for p in pairs]
+    hook.remove()
+    assert calls[0] == 3 + 1  # three gallery images and ONE query image
+    for a, b in zip(batched, alone):
+        a, b = a["instances"], b["instances"]
+        assert len(a) == len(b) > 0
+        assert torch.allclose(a.pred_sims, b.pred_sims, atol=1e-4)
+        assert torch.allclose(a.pred_boxes.tensor, b.pred_boxes.tensor, atol=1e-3)
+
+
+def test_qsse_pairs_do_not_share_the_query_pass():
+    """With QSSE the query branch depends on the gallery image: one query row per pair."""
+    model = _eval_model("qeeps")
+    query = model_fixtures.pair_inputs(seed=6, with_gt=False)[0]
+    pairs = [{**g, "query_image": query["query_image"], "query_box": query["query_box"],
+              "query_index": 0}
+             for g in (model_fixtures.scene_inputs(seed=s, with_gt=False)[0] for s in (7, 8))]
+    calls = []
+    hook = model.backbone.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+    with torch.no_grad():
+        model(pairs)
+    hook.remove()
+    assert calls == [4]

@@ -60,15 +60,29 @@ class QEEPS(GeneralizedRCNN):
     def _normalize(self, images: List[torch.Tensor]) -> List[torch.Tensor]:
         return [(self._move_to_current_device(x) - self.pixel_mean) / self.pixel_std for x in images]
 
-    def _siamese_features(self, batched_inputs):
+    def _siamese_features(self, batched_inputs, share_queries: bool = False):
         """Run gallery and query images of B pairs through the shared backbone.
 
+        With ``share_queries`` (inference without QSSE, where the query branch does not depend
+        on the gallery image), pairs with the same ``query_index`` run their query image once.
+
         Returns:
-            gallery ImageList, gallery features, query features, query boxes (list of B Boxes).
+            gallery ImageList, gallery features (B, ...), query features (B, ...) (row i = the
+            query of pair i), query boxes (list of B Boxes).
         """
-        gallery = self._normalize([x["image"] for x in batched_inputs])
-        query = self._normalize([x["query_image"] for x in batched_inputs])
         num = len(batched_inputs)
+        if share_queries:
+            keys = [x.get("query_index", ("pair", i)) for i, x in enumerate(batched_inputs)]
+            first = {}
+            for i, k in enumerate(keys):
+                first.setdefault(k, i)
+            unique = list(first.values())  # input index of each distinct query
+            rows = torch.as_tensor([unique.index(first[k]) for k in keys], device=self.device)
+        else:
+            unique = list(range(num))
+            rows = None
+        gallery = self._normalize([x["image"] for x in batched_inputs])
+        query = self._normalize([batched_inputs[i]["query_image"] for i in unique])
         both = ImageList.from_tensors(
             gallery + query,
             self.backbone.size_divisibility,
@@ -76,7 +90,7 @@ class QEEPS(GeneralizedRCNN):
         )
         features = self.backbone(both.tensor, num_pairs=num if self.qsse else 0)
         gallery_feats = {k: v[:num] for k, v in features.items()}
-        query_feats = {k: v[num:] for k, v in features.items()}
+        query_feats = {k: v[num:] if rows is None else v[num:][rows] for k, v in features.items()}
         images = ImageList(both.tensor[:num], both.image_sizes[:num])
         query_boxes = [
             Boxes(torch.as_tensor(x["query_box"], dtype=torch.float32, device=self.device)[None])
@@ -150,7 +164,9 @@ class QEEPS(GeneralizedRCNN):
         return [{"query_embed": e} for e in embeds]
 
     def _infer_pairs(self, batched_inputs, do_postprocess=True):
-        images, features, query_feats, query_boxes = self._siamese_features(batched_inputs)
+        images, features, query_feats, query_boxes = self._siamese_features(
+            batched_inputs, share_queries=not self.qsse
+        )
         query_embeds = self.roi_heads.embed_boxes(query_feats, query_boxes)
         proposals, _ = self.proposal_generator(
             images, features, None, query_features=query_feats, query_boxes=query_boxes
