@@ -1,0 +1,213 @@
+"""``qeeps-search``: find a person (a box in a query image, or a crop) in a folder or a video.
+
+::
+
+    qeeps-search --config C --weights W --query IMG --box x1,y1,x2,y2 --gallery DIR|VIDEO
+                 [--topk 10] [--every 1] [--out output/search] [--device cpu|cuda]
+                 [--batch-size 4]
+    qeeps-search --config C --weights W --query-crop CROP --gallery DIR|VIDEO ...
+
+Shows a progress bar over the gallery frames (with ETA when the frame count is known), prints
+the top matches as a table and writes ``OUT/results.json``::
+
+    {"query": {"image", "box", "crop"},
+     "model": {"config", "weights", "query_guided", "device", "det_thresh"},
+     "gallery": {"path", "every", "frames_searched", "skipped"},
+     "matches": [{"rank", "frame", "index", "box", "det_score", "similarity"}, ...]}
+
+and ``OUT/report/``: the query and each top-K frame with its box drawn, the match strip and an
+``index.html``. OUT is written in a temporary folder beside it and renamed at the end (an
+existing OUT is replaced), so a failed run leaves nothing half-written. User errors (missing
+or unreadable files, a box that is empty or outside the query image, weights that do not fit the
+config, an unknown device, bad options) print one line on stderr and exit with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from typing import List, Optional, Sequence
+
+import cv2
+
+from ..checkpoint import CheckpointError
+from .gallery import count_gallery, iter_gallery, read_image_bgr
+from .render import QUERY_COLOUR, draw_matches, match_strip, write_html_report
+from .searcher import Match, PersonSearcher
+
+__all__ = ["main"]
+
+
+class _UsageError(Exception):
+    """A command-line mistake (reported in one line, exit status 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise _UsageError(message)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="qeeps-search",
+                description="Search a person (query box or crop) in a folder of images or a video.")
+    p.add_argument("--config", required=True, help="the model's config file (YAML)")
+    p.add_argument("--weights", required=True, help="the trained model's weights (.pth/.pkl)")
+    p.add_argument("--query", help="query image (with --box)")
+    p.add_argument("--box", help="query person box x1,y1,x2,y2 in query-image pixels")
+    p.add_argument("--query-crop", help="a crop of the query person (the whole image is the box)")
+    p.add_argument("--gallery", required=True, help="folder of .jpg/.jpeg/.png/.bmp or a video")
+    p.add_argument("--topk", type=int, default=10, help="matches to keep (default 10)")
+    p.add_argument("--every", type=int, default=1, help="search every N-th frame (default 1)")
+    p.add_argument("--out", default="output/search", help="output folder (default output/search)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if any)")
+    p.add_argument("--batch-size", type=int, default=4, help="frames per forward (default 4)")
+    return p
+
+
+def _parse_box(text: str) -> List[float]:
+    try:
+        box = [float(v) for v in text.split(",")]
+    except ValueError:
+        box = []
+    if len(box) != 4:
+        raise _UsageError(f"--box must be four numbers x1,y1,x2,y2, got {text!r}")
+    return box
+
+
+def _query(args):
+    """(query image path, BGR image, box, is_crop) from --query/--box or --query-crop."""
+    if args.query_crop:
+        if args.query or args.box:
+            raise _UsageError("give either --query-crop, or --query with --box, not both")
+        image = read_image_bgr(args.query_crop)
+        height, width = image.shape[:2]
+        return args.query_crop, image, [0.0, 0.0, float(width), float(height)], True
+    if not (args.query and args.box):
+        raise _UsageError("give --query IMAGE with --box x1,y1,x2,y2, or --query-crop CROP")
+    box = _parse_box(args.box)
+    return args.query, read_image_bgr(args.query), box, False
+
+
+def _check_options(args) -> None:
+    for name in ("topk", "every", "batch_size"):
+        if getattr(args, name) < 1:
+            raise _UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    out = os.path.abspath(args.out)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise _UsageError(f"--out {args.out} exists and is not a folder")
+
+
+def _results(args, query_path, box, is_crop, searcher, gallery, matches) -> dict:
+    cfg = searcher.cfg
+    return {
+        "query": {"image": query_path, "box": box, "crop": is_crop},
+        "model": {"config": args.config, "weights": args.weights,
+                  "query_guided": searcher.query_guided, "device": cfg.MODEL.DEVICE,
+                  "det_thresh": searcher.det_thresh},
+        "gallery": {"path": args.gallery, "every": args.every,
+                    "frames_searched": gallery.num_read, "skipped": list(gallery.skipped)},
+        "matches": [
+            {"rank": r, "frame": m.frame, "index": m.index,
+             "box": [round(v, 2) for v in m.box], "det_score": m.det_score,
+             "similarity": m.similarity}
+            for r, m in enumerate(matches, start=1)
+        ],
+    }
+
+
+def _write_report(report_dir: str, query_image, box, matches: Sequence[Match], title: str) -> None:
+    """The query and each match's frame with boxes drawn, the match strip and index.html."""
+    os.makedirs(report_dir)
+
+    def save(name, image):
+        path = os.path.join(report_dir, name)
+        if not cv2.imwrite(path, image):
+            raise OSError(f"cannot write {path}")
+        return path
+
+    query_path = save("query.jpg", draw_matches(query_image, [box], ["query"], [QUERY_COLOUR]))
+    strip_path = save("strip.jpg", match_strip(query_image, box, matches))
+    sections = [("Query", [query_path], f"box {[round(v, 1) for v in box]}"),
+                (f"Top {len(matches)} matches", [strip_path],
+                 "similarity descending" if matches else "no detection above the threshold")]
+    for rank, m in enumerate(matches, start=1):
+        label = f"#{rank} sim {m.similarity:.3f}"
+        path = save(f"rank_{rank:03d}.jpg", draw_matches(m.image, [m.box], [label]))
+        sections.append((f"#{rank}: {m.frame}", [path],
+                         f"frame index {m.index}, similarity {m.similarity:.4f}, detection "
+                         f"score {m.det_score:.3f}, box {[round(v, 1) for v in m.box]}"))
+    write_html_report(report_dir, title, sections)
+
+
+def _publish(out: str, write) -> None:
+    """Run ``write(tmp_dir)`` in a temporary folder beside ``out``, then move it to ``out``
+    (replacing an existing one); on any error the temporary folder is removed."""
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
+    try:
+        write(tmp)
+        if os.path.exists(out):
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=parent)
+            os.replace(out, os.path.join(old, "out"))
+            os.replace(tmp, out)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _table(matches: Sequence[Match]) -> List[str]:
+    if not matches:
+        return ["no detection above the detection threshold"]
+    width = max(5, max(len(m.frame) for m in matches))
+    lines = [f"{'rank':>4}  {'similarity':>10}  {'det':>5}  {'frame':<{width}}  {'index':>6}  box"]
+    for r, m in enumerate(matches, start=1):
+        box = ", ".join(f"{v:.0f}" for v in m.box)
+        lines.append(f"{r:>4}  {m.similarity:>10.4f}  {m.det_score:>5.2f}  {m.frame:<{width}}  "
+                     f"{m.index:>6}  [{box}]")
+    return lines
+
+
+def _run(args) -> List[str]:
+    _check_options(args)
+    query_path, query_image, box, is_crop = _query(args)
+    gallery = iter_gallery(args.gallery, args.every)
+    searcher = PersonSearcher.from_config(args.config, args.weights, device=args.device)
+    matches = searcher.search(query_path, box, gallery, topk=args.topk,
+                              batch_size=args.batch_size, progress=True,
+                              total=count_gallery(args.gallery, args.every), keep_frames=True)
+    results = _results(args, query_path, box, is_crop, searcher, gallery, matches)
+    out = os.path.abspath(args.out)
+    title = f"qeeps-search: {os.path.basename(query_path)} in {args.gallery}"
+
+    def write(tmp):
+        with open(os.path.join(tmp, "results.json"), "w") as f:
+            json.dump(results, f, indent=2)
+        _write_report(os.path.join(tmp, "report"), query_image, box, matches, title)
+
+    _publish(out, write)
+    mode = "query-guided (pairs)" if searcher.query_guided else "query-agnostic"
+    return [f"{gallery.num_read} frames searched ({mode}), {len(gallery.skipped)} skipped; "
+            f"results in {args.out}"] + _table(matches)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of ``qeeps-search``; returns the exit status (0 ok, 2 user error)."""
+    try:
+        lines = _run(_parser().parse_args(argv))
+    except (_UsageError, OSError, ValueError, CheckpointError) as e:
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"qeeps-search: error: {message}", file=sys.stderr)
+        return 2
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,281 @@
+"""``PersonSearcher``: find the person of a query box in a stream of gallery frames.
+
+Two search modes, chosen by the config (``qeeps_d2.data.build.uses_pairs``):
+
+- query-agnostic model (the OIM baseline): the query box is embedded once, every gallery frame is
+  run once (detections with L2-normalised embeddings), similarity = ``pred_embeds @ query_embed``;
+- query-guided model (QSSE / QRPN / QSimNet on): every gallery frame is run as a (query, frame)
+  pair, ``batch_size`` pairs per forward, similarity = the model's ``pred_sims``.
+
+Model inputs are built by :class:`~qeeps_d2.data.PersonSearchMapper` (same resizing as in
+evaluation), fed with in-memory images instead of files.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import yaml
+from PIL import Image
+from tqdm import tqdm
+
+from detectron2.data import detection_utils as utils
+from detectron2.modeling import build_model
+
+from ..checkpoint import QEEPSCheckpointer
+from ..data.build import uses_pairs
+from ..data.mapper import PersonSearchMapper
+from ..engine.trainer import setup_cfg
+from .gallery import GalleryFrame, read_image_bgr
+
+__all__ = ["Match", "PersonSearcher", "resolve_device"]
+
+Box = Tuple[float, float, float, float]
+
+
+@dataclass
+class Match:
+    """One detection in a gallery frame, scored against the query.
+
+    Attributes:
+        frame: the frame's name (file name, or ``frame_000123`` for a video).
+        index: the frame's index (position in the folder, or frame number in the video).
+        box: (x1, y1, x2, y2) in the frame's original pixels.
+        det_score: detection (person) score.
+        similarity: similarity to the query (higher = more likely the same person).
+        image: the frame (H, W, 3) BGR, kept only with ``search(..., keep_frames=True)``;
+            matches in one frame share the array.
+    """
+
+    frame: str
+    index: int
+    box: Box
+    det_score: float
+    similarity: float
+    image: Optional[np.ndarray] = field(default=None, repr=False, compare=False)
+
+
+def resolve_device(device: Optional[str]) -> str:
+    """``None`` -> ``"cuda"`` if available else ``"cpu"``; ``cpu``, ``cuda``, ``cuda:N`` as given.
+
+    Raises:
+        ValueError: any other name.
+    """
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", str(device)):
+        raise ValueError(f"unknown device {device!r}: expected cpu, cuda or cuda:N")
+    return str(device)
+
+
+def _model_format(image: np.ndarray, image_format: str) -> np.ndarray:
+    """A BGR uint8 array converted to the model's ``INPUT.FORMAT`` (as ``read_image`` would)."""
+    if image_format == "BGR":
+        return image
+    return utils.convert_PIL_to_numpy(Image.fromarray(image[:, :, ::-1]), image_format)
+
+
+def _check_bgr(image, what: str) -> np.ndarray:
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8 or 0 in image.shape:
+        raise ValueError(
+            f"{what}: expected an HxWx3 uint8 BGR image, got {image.dtype} array of shape "
+            f"{image.shape}"
+        )
+    return image
+
+
+class _ArrayMapper(PersonSearchMapper):
+    """``PersonSearchMapper`` whose ``file_name`` / ``query_file_name`` are keys of an in-memory
+    ``{name: image in the model's format}`` mapping given to :meth:`map`."""
+
+    _images: Optional[Mapping[str, np.ndarray]] = None
+
+    def _read(self, file_name: str) -> np.ndarray:
+        return self._images[file_name]
+
+    def map(self, record: Dict, images: Mapping[str, np.ndarray]) -> Dict:
+        """Map ``record`` reading its images from ``images``."""
+        self._images = images
+        try:
+            return self(record)
+        finally:
+            self._images = None
+
+
+class PersonSearcher:
+    """Search a person, given by a box in a query image, in a gallery of frames.
+
+    Example::
+
+        from qeeps_d2.search import PersonSearcher, iter_gallery
+
+        searcher = PersonSearcher.from_config(
+            "configs/SynthPS/qeeps.yaml", "output/qeeps/model_final.pth")
+        matches = searcher.search("query.jpg", (120, 40, 180, 230), iter_gallery("clip.mp4",
+                                  every=5), topk=10)
+        for m in matches:
+            print(m.frame, m.box, f"{m.similarity:.3f}")
+
+    The model is used in eval mode without gradients. Build it yourself and pass it with its
+    config (``PersonSearcher(cfg, model)``), or let :meth:`from_config` build and load it.
+    """
+
+    def __init__(self, cfg, model: torch.nn.Module):
+        """
+        Args:
+            cfg: the model's (frozen) config; gives the input resizing and format,
+                ``TEST.PERSON_SEARCH.DET_THRESH`` and the search mode (``uses_pairs``).
+            model: a built ``QEEPS`` model with its weights loaded (put in eval mode here).
+        """
+        self.cfg = cfg
+        self.model = model.eval()
+        self.query_guided = uses_pairs(cfg)
+        self.det_thresh = float(cfg.TEST.PERSON_SEARCH.DET_THRESH)
+        self._mapper = _ArrayMapper(cfg, is_train=False)
+
+    @classmethod
+    def from_config(
+        cls,
+        config_file: str,
+        weights: str,
+        device: Optional[str] = None,
+        opts: Sequence[str] = (),
+    ) -> "PersonSearcher":
+        """Build the model of ``config_file`` (+ ``opts``, ``KEY VALUE`` pairs) on ``device``
+        (``"cpu"``, ``"cuda"``, ``"cuda:N"``, None = CUDA if available) and load ``weights``.
+
+        Raises:
+            FileNotFoundError: a missing config or (local) weights file.
+            ValueError: an unknown device, a config that does not parse or is not a QEEPS model.
+            qeeps_d2.checkpoint.CheckpointError: weights that cannot be read or do not fit the
+                model (e.g. the config of another architecture or width).
+        """
+        if not os.path.isfile(config_file):
+            raise FileNotFoundError(f"config file {config_file} not found")
+        if "://" not in weights and not os.path.isfile(weights):
+            raise FileNotFoundError(f"weights file {weights} not found")
+        opts = list(opts) + ["MODEL.DEVICE", resolve_device(device), "MODEL.WEIGHTS", weights]
+        try:
+            cfg = setup_cfg(config_file, opts, resolve_schedule=False)
+        except (KeyError, ValueError, AssertionError, yaml.YAMLError) as e:
+            raise ValueError(f"config {config_file}: {type(e).__name__}: {e}") from e
+        if cfg.MODEL.META_ARCHITECTURE != "QEEPS":
+            raise ValueError(
+                f"config {config_file}: MODEL.META_ARCHITECTURE is "
+                f"{cfg.MODEL.META_ARCHITECTURE!r}, not a QEEPS person-search model"
+            )
+        model = build_model(cfg)
+        QEEPSCheckpointer(model).load(weights)
+        return cls(cfg, model)
+
+    # ------------------------------------------------------------------ search
+    def search(
+        self,
+        query_image: Union[str, np.ndarray],
+        query_box: Sequence[float],
+        gallery: Iterable[GalleryFrame],
+        topk: Optional[int] = None,
+        batch_size: int = 4,
+        progress: bool = True,
+        total: Optional[int] = None,
+        keep_frames: bool = False,
+    ) -> List[Match]:
+        """Rank the gallery's detections by similarity to the query person.
+
+        Args:
+            query_image: an image path, or an (H, W, 3) uint8 BGR array.
+            query_box: (x1, y1, x2, y2) of the query person in ``query_image`` pixels.
+            gallery: :class:`GalleryFrame` s, streamed (e.g. ``iter_gallery(path)``).
+            topk: keep the best ``topk`` matches (None: all).
+            batch_size: frames (or pairs) per forward pass.
+            progress: show a tqdm progress bar (stderr) over the frames.
+            total: number of frames for the bar's total and ETA (e.g. ``count_gallery``).
+            keep_frames: attach each kept match's frame as ``Match.image`` (for rendering).
+                Only the frames of the running top ``topk`` are held, so set ``topk`` for long
+                galleries.
+
+        Returns:
+            matches with ``det_score >= TEST.PERSON_SEARCH.DET_THRESH``, similarity descending
+            (ties: gallery order).
+
+        Raises:
+            ValueError: a query box that is empty or outside the query image, a query image or
+                frame that is not an HxWx3 uint8 array, ``topk`` or ``batch_size`` < 1.
+            FileNotFoundError: a missing query image file.
+        """
+        if topk is not None and topk < 1:
+            raise ValueError(f"topk must be >= 1 (or None for all), got {topk}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if isinstance(query_image, (str, os.PathLike)):
+            query_name = f"query image {query_image}"
+            query = read_image_bgr(str(query_image))
+        else:
+            query_name = "query image"
+            query = _check_bgr(query_image, query_name)
+        box = [float(v) for v in np.asarray(query_box, dtype=np.float64).reshape(-1)]
+        if len(box) != 4:
+            raise ValueError(f"query box must be (x1, y1, x2, y2), got {list(query_box)}")
+        query_images = {query_name: _model_format(query, self._mapper.image_format)}
+        # mapping the query record checks the box against the image in both modes
+        query_input = self._mapper.map({"file_name": query_name, "query_box": box}, query_images)
+
+        matches: List[Match] = []
+        frames = iter(gallery)
+        with torch.no_grad(), tqdm(total=total, unit="frame", desc="search",
+                                   disable=not progress) as bar:
+            query_embed = None if self.query_guided else self.model([query_input])[0]["query_embed"]
+            while True:
+                batch = list(itertools.islice(frames, batch_size))
+                if not batch:
+                    break
+                if self.query_guided:
+                    outputs = self._run_pairs(batch, query_name, box, query_images)
+                else:
+                    outputs = self._run_gallery(batch)
+                for frame, out in zip(batch, outputs):
+                    matches.extend(self._matches(frame, out["instances"], query_embed, keep_frames))
+                matches.sort(key=lambda m: -m.similarity)  # stable: ties keep gallery order
+                if topk is not None:
+                    del matches[topk:]
+                bar.update(len(batch))
+        return matches
+
+    def _frame_images(self, frame: GalleryFrame) -> Dict[str, np.ndarray]:
+        image = _check_bgr(frame.image, f"gallery frame {frame.name}")
+        return {frame.name: _model_format(image, self._mapper.image_format)}
+
+    def _run_gallery(self, batch: List[GalleryFrame]) -> List[Dict]:
+        inputs = [self._mapper.map({"file_name": f.name}, self._frame_images(f)) for f in batch]
+        return self.model(inputs)
+
+    def _run_pairs(self, batch, query_name, box, query_images) -> List[Dict]:
+        inputs = [
+            self._mapper.map(
+                {"file_name": f.name, "query_file_name": query_name, "query_box": box},
+                {**query_images, **self._frame_images(f)},
+            )
+            for f in batch
+        ]
+        return self.model(inputs)
+
+    def _matches(self, frame: GalleryFrame, instances, query_embed, keep_frames) -> List[Match]:
+        """The frame's detections with score >= DET_THRESH as matches (boxes in frame pixels)."""
+        instances = instances[instances.scores >= self.det_thresh]
+        if self.query_guided:
+            sims = instances.pred_sims
+        else:
+            sims = instances.pred_embeds @ query_embed
+        boxes = instances.pred_boxes.tensor.cpu().tolist()
+        scores = instances.scores.cpu().tolist()
+        image = frame.image if keep_frames else None
+        return [
+            Match(frame.name, int(frame.index), tuple(b), s, sim, image)
+            for b, s, sim in zip(boxes, scores, sims.cpu().tolist())
+        ]
