@@ -228,3 +228,50 @@ def test_real_model_and_loader_agree_with_qeeps_eval(guided, tmp_path, monkeypat
     if not guided:
         assert 100 * cli["det_recall"] == results["detection"]["recall"]
         assert 100 * cli["det_ap"] == results["detection"]["AP"]
+
+
+class FakeModelWithProposals(FakeModel):
+    """FakeModel plus proposals: pairs also carry the stock RPN's ("plain") proposals."""
+
+    PROPOSALS = {  # (query index or None for gallery outputs, image) -> proposals
+        (0, "a.jpg"): [[1, 1, 101, 199]],                   # covers BIG (IoU > 0.5)
+        (0, "b.jpg"): [B_TARGET],                           # b holds no positive of q0
+        (1, "c.jpg"): [[300, 0, 350, 100]],                 # misses C_TARGET
+        (1, "b.jpg"): [BIG, [205, 5, 300, 200]],            # second covers B_TARGET
+        (None, "a.jpg"): [[0, 0, 100, 150]],                # IoU 0.75 with BIG
+        (None, "b.jpg"): [[0, 0, 10, 10]],                  # misses B_TARGET
+        (None, "c.jpg"): [[10, 10, 60, 60]],                # IoU exactly 0.5 with C_TARGET
+    }
+    PLAIN = {(0, "a.jpg"): [[0, 0, 10, 10]], (0, "b.jpg"): [B_TARGET], (1, "c.jpg"): [C_TARGET],
+             (1, "b.jpg"): [[0, 0, 5, 5]]}
+
+    def __call__(self, inputs):
+        outputs = super().__call__(inputs)
+        for x, out in zip(inputs, outputs):
+            if "query_file_name" in x:
+                key = (x["query_index"], x["image_id"])
+                out["proposal_boxes"] = torch.tensor(self.PROPOSALS[key])
+                out["plain_proposal_boxes"] = torch.tensor(self.PLAIN[key])
+            elif "query_box" not in x:
+                out["proposal_boxes"] = torch.tensor(self.PROPOSALS[(None, x["image_id"])])
+        return outputs
+
+
+@pytest.mark.parametrize("mode", ["pairs", "agnostic"])
+def test_detector_recall_of_proposals(mode, tmp_path):
+    """Positives: q0 in a.jpg, q1 in c.jpg and b.jpg. Pairs: proposals cover a (q0) and b (q1),
+    plain proposals cover c only; agnostic: a and c (IoU 0.5 counts) are covered, b is not."""
+    protocol = _protocol()
+    records = build_search_records(protocol, mode)
+    evaluator = PersonSearchEvaluator(DATASET, protocol, output_dir=None)
+    ps = inference_on_dataset(FakeModelWithProposals(), [records], evaluator)["person_search"]
+    assert ps["proposal_recall"] == pytest.approx(100 * 2 / 3)
+    if mode == "pairs":
+        assert ps["plain_proposal_recall"] == pytest.approx(100 / 3)
+    else:
+        assert "plain_proposal_recall" not in ps
+
+
+def test_no_recall_without_proposals(tmp_path):
+    ps = _run("pairs", tmp_path)["person_search"]
+    assert "proposal_recall" not in ps and "plain_proposal_recall" not in ps

@@ -154,7 +154,11 @@ def test_gallery_and_query_inference_and_cosine_pair_similarity():
         (query_out,) = model([query])
         (pair_out,) = model([pair])
     for out, x in zip(gallery_out, gallery):
-        assert set(out) == {"instances"}
+        assert set(out) == {"instances", "proposal_boxes"}
+        props = out["proposal_boxes"]  # original-image pixels
+        assert props.shape[1] == 4 and 0 < len(props) <= 20
+        assert (props[:, 2] <= x["width"] + 1e-3).all() and (props[:, 3] <= x["height"] + 1e-3).all()
+        assert props[:, 2].max() > 0.5 * x["width"]  # rescaled, not in the 64-pixel input frame
         inst = out["instances"]
         assert set(inst.get_fields()) == {"pred_boxes", "scores", "pred_classes", "pred_embeds"}
         assert inst.image_size == (x["height"], x["width"]) and len(inst) > 0
@@ -164,6 +168,9 @@ def test_gallery_and_query_inference_and_cosine_pair_similarity():
     assert q.shape == (16,) and torch.allclose(q.norm(), torch.tensor(1.0), atol=1e-5)
     inst = pair_out["instances"]
     assert torch.allclose(inst.pred_sims, inst.pred_embeds @ q, atol=1e-4)
+    # the pair's proposals come from the summed objectness; the plain ones from the stock RPN
+    assert set(pair_out) == {"instances", "proposal_boxes", "plain_proposal_boxes"}
+    assert pair_out["proposal_boxes"].shape[1] == pair_out["plain_proposal_boxes"].shape[1] == 4
 
 
 def test_mixed_batch_keeps_the_order():
@@ -177,8 +184,8 @@ def test_mixed_batch_keeps_the_order():
     with torch.no_grad():
         mixed = model(batch)
         alone = [model([x])[0] for x in batch]
-    assert [set(o) for o in mixed] == [{"instances"}, {"query_embed"}, {"instances"}, {"instances"},
-                                       {"instances"}]
+    assert [set(o) - {"proposal_boxes", "plain_proposal_boxes"} for o in mixed] == [
+        {"instances"}, {"query_embed"}, {"instances"}, {"instances"}, {"instances"}]
     assert torch.allclose(mixed[1]["query_embed"], alone[1]["query_embed"], atol=1e-5)
     for i in (0, 2, 3, 4):
         a, b = mixed[i]["instances"], alone[i]["instances"]

@@ -7,6 +7,11 @@ model's outputs, dispatching on the input keys:
 * query (``query_box``, no ``query_file_name``) -> ``{"query_embed": (D,)}``;
 * pair (``query_file_name``) -> ``{"instances": pred_boxes, scores, pred_sims (N,)}``.
 
+Gallery and pair outputs may also carry ``proposal_boxes`` (R, 4) (and, for query-guided models,
+``plain_proposal_boxes``, the stock RPN's alone): the evaluator then reports the detector recall
+of the paper's Table 1: the fraction of (query, gallery entry) positives whose query-person box
+is covered by a proposal with IoU >= 0.5 (``proposal_recall`` / ``plain_proposal_recall``).
+
 Boxes are in original-image pixels. Only detections with ``score >= det_thresh`` are kept (they
 are the only ones the protocol can rank), which bounds memory and the size of the results file;
 the file records this threshold as ``"min_det_score"``.
@@ -21,7 +26,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections import OrderedDict
+from collections import OrderedDict, defaultdict
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -31,6 +36,7 @@ from detectron2.evaluation import DatasetEvaluator
 from detectron2.utils import comm
 
 from ..data.search_protocol import SearchProtocol
+from .box_iou import box_iou
 from .detection_metrics import detection_ground_truth, evaluate_detections
 from .results_file import QueryResult, write_results
 from .search_inputs import check_query_indices
@@ -39,6 +45,9 @@ from .search_metrics import TOP_K, score_search
 __all__ = ["PersonSearchEvaluator"]
 
 logger = logging.getLogger(__name__)
+
+# output key of a proposal set -> name of its recall in the results
+_RECALLS = {"proposal_boxes": "proposal_recall", "plain_proposal_boxes": "plain_proposal_recall"}
 
 def _to_numpy(t) -> np.ndarray:
     return t.detach().cpu().numpy()
@@ -78,6 +87,7 @@ class PersonSearchEvaluator(DatasetEvaluator):
         self._query_indices = check_query_indices(protocol, query_indices)
         self._partial = len(self._query_indices) < len(protocol)
         self._distributed = distributed
+        self._positives_by_image = None
         self.reset()
 
     def reset(self):
@@ -86,6 +96,32 @@ class PersonSearchEvaluator(DatasetEvaluator):
         self._gallery: Dict[str, Tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         self._query_embeds: Dict[int, np.ndarray] = {}
         self._pairs: Dict[Tuple[int, str], np.ndarray] = {}
+        # proposal key -> {(query index, gallery entry index): covered by a proposal}
+        self._recall_hits: Dict[str, Dict[Tuple[int, int], bool]] = {k: {} for k in _RECALLS}
+
+    def _positives(self):
+        """image -> [(query index, gallery entry index, gt box)] over the evaluated queries."""
+        if self._positives_by_image is None:
+            positives = defaultdict(list)
+            for i in self._query_indices:
+                gallery = self._protocol.gallery(i)
+                for k in np.flatnonzero(gallery.positive):
+                    positives[gallery.images[k]].append((i, int(k), gallery.gt_boxes[k]))
+            self._positives_by_image = positives
+        return self._positives_by_image
+
+    def _record_recall(self, image_id: str, output, query_index: Optional[int] = None) -> None:
+        """Which positives of this image (of this query, for a pair) a proposal covers."""
+        entries = [e for e in self._positives().get(image_id, ())
+                   if query_index is None or e[0] == query_index]
+        if not entries:
+            return
+        gts = np.stack([e[2] for e in entries])
+        for key, hits in self._recall_hits.items():
+            if key in output:
+                props = _to_numpy(output[key]).astype(np.float64).reshape(-1, 4)
+                covered = (box_iou(gts[:, None], props[None]) >= 0.5).any(axis=1)
+                hits.update(((i, k), bool(c)) for (i, k, _), c in zip(entries, covered))
 
     def _kept(self, instances):
         instances = instances[instances.scores >= self._det_thresh].to("cpu")
@@ -97,25 +133,31 @@ class PersonSearchEvaluator(DatasetEvaluator):
                 boxes, scores, inst = self._kept(out["instances"])
                 rows = np.c_[boxes, scores, _to_numpy(inst.pred_sims)].astype(np.float64)
                 self._pairs[(int(inp["query_index"]), inp["image_id"])] = rows.reshape(-1, 6)
+                self._record_recall(inp["image_id"], out, int(inp["query_index"]))
             elif "query_box" in inp:
                 self._query_embeds[int(inp["query_index"])] = _to_numpy(out["query_embed"])
             else:
                 boxes, scores, inst = self._kept(out["instances"])
                 self._gallery[inp["image_id"]] = (boxes, scores, _to_numpy(inst.pred_embeds))
+                self._record_recall(inp["image_id"], out)
 
     def _gather(self) -> bool:
         """Merge all ranks' outputs into this process; False on non-main ranks."""
         if not self._distributed:
             return True
         comm.synchronize()
-        parts = comm.gather((self._gallery, self._query_embeds, self._pairs), dst=0)
+        parts = comm.gather(
+            (self._gallery, self._query_embeds, self._pairs, self._recall_hits), dst=0
+        )
         if not comm.is_main_process():
             return False
         self.reset()
-        for gallery, queries, pairs in parts:
+        for gallery, queries, pairs, recall_hits in parts:
             self._gallery.update(gallery)
             self._query_embeds.update(queries)
             self._pairs.update(pairs)
+            for key, hits in recall_hits.items():
+                self._recall_hits[key].update(hits)
         return True
 
     def _agnostic_queries(self) -> List[QueryResult]:
@@ -226,6 +268,10 @@ class PersonSearchEvaluator(DatasetEvaluator):
             + [(f"top{k}", 100 * summary[f"top{k}"]) for k in TOP_K]
             + [("num_queries", len(scores)), ("partial", self._partial)]
         )
+        num_positives = sum(len(v) for v in self._positives().values())
+        for key, name in _RECALLS.items():
+            if self._recall_hits[key] and num_positives:
+                search[name] = 100 * sum(self._recall_hits[key].values()) / num_positives
         label = (
             f"partial: {len(scores)} of {len(self._protocol)} queries"
             if self._partial else f"{len(scores)} queries"
@@ -235,6 +281,11 @@ class PersonSearchEvaluator(DatasetEvaluator):
             "top-10 %.2f", self._protocol.name, mode, label, self._det_thresh, search["mAP"],
             search["top1"], search["top5"], search["top10"],
         )
+        recalls = [f"{name.replace('_', ' ')} {search[name]:.2f}" for name in _RECALLS.values()
+                   if name in search]
+        if recalls:
+            logger.info("Detector recall on %s (IoU 0.5, %s): %s", self._protocol.name, label,
+                        "  ".join(recalls))
         results = OrderedDict(person_search=search)
         if gallery_detections is not None:
             det = self._detection_scores(gallery_detections)

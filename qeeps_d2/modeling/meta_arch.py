@@ -12,7 +12,9 @@ Inputs (list of dicts, as produced by ``qeeps_d2.data.PersonSearchMapper``); thr
   Output ``{"query_embed": (D,)}``.
 - pair: a gallery image as above plus ``query_image`` (3, Hq, Wq) and ``query_box`` (4,) in
   ``query_image`` pixels; in training ``instances.gt_is_query`` marks the query person.
-  Output instances also carry ``pred_sims`` (N,) (QSimNet probability, or cosine without it).
+  Output instances also carry ``pred_sims`` (N,) (QSimNet probability, or cosine without it);
+  ``"proposal_boxes"`` are the proposals actually used (summed objectness with QRPN) and
+  ``"plain_proposal_boxes"`` those of the stock objectness alone (Table 1's recall comparison).
 
 In pair mode the B gallery and B query images run as ONE backbone batch (gallery first), padded
 to a common size: that is the weight sharing, and it lets the QSSE blocks couple the branches.
@@ -151,7 +153,19 @@ class QEEPS(GeneralizedRCNN):
         results, _ = self.roi_heads(images, features, proposals, None)
         if not do_postprocess:
             return [{"instances": r} for r in results]
-        return self._postprocess(results, batched_inputs, images.image_sizes)
+        outputs = self._postprocess(results, batched_inputs, images.image_sizes)
+        self._attach_proposals(outputs, "proposal_boxes", proposals, batched_inputs)
+        return outputs
+
+    @staticmethod
+    def _attach_proposals(outputs, key, proposals, batched_inputs) -> None:
+        """outputs[i][key] = proposal boxes (R, 4) rescaled to the original image size."""
+        for out, props, inp in zip(outputs, proposals, batched_inputs):
+            h, w = props.image_size
+            scale = props.proposal_boxes.tensor.new_tensor(
+                [inp.get("width", w) / w, inp.get("height", h) / h] * 2
+            )
+            out[key] = props.proposal_boxes.tensor * scale
 
     def _infer_queries(self, batched_inputs, do_postprocess=True):
         images = self.preprocess_image(batched_inputs)
@@ -168,10 +182,14 @@ class QEEPS(GeneralizedRCNN):
             batched_inputs, share_queries=not self.qsse
         )
         query_embeds = self.roi_heads.embed_boxes(query_feats, query_boxes)
-        proposals, _ = self.proposal_generator(
-            images, features, None, query_features=query_feats, query_boxes=query_boxes
+        proposals, _, plain = self.proposal_generator(
+            images, features, None, query_features=query_feats, query_boxes=query_boxes,
+            return_plain=True,
         )
         results, _ = self.roi_heads(images, features, proposals, None, query_embeds=query_embeds)
         if not do_postprocess:
             return [{"instances": r} for r in results]
-        return self._postprocess(results, batched_inputs, images.image_sizes)
+        outputs = self._postprocess(results, batched_inputs, images.image_sizes)
+        self._attach_proposals(outputs, "proposal_boxes", proposals, batched_inputs)
+        self._attach_proposals(outputs, "plain_proposal_boxes", plain, batched_inputs)
+        return outputs

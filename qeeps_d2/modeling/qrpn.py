@@ -128,6 +128,7 @@ class QueryGuidedRPN(RPN):
         gt_instances: Optional[List[Instances]] = None,
         query_features: Optional[Dict[str, torch.Tensor]] = None,
         query_boxes: Optional[List[Boxes]] = None,
+        return_plain: bool = False,
     ):
         """
         Args:
@@ -136,12 +137,16 @@ class QueryGuidedRPN(RPN):
                 the query person of pair i in its gallery image.
             query_features: the query branch's features, (B, C, H, W) per name, row i = pair i.
             query_boxes: B ``Boxes`` of one box each, the query person in its query image.
+            return_plain: also return the proposals of the stock objectness alone (for the
+                detector-recall comparison of the paper's Table 1).
         Returns:
             proposals (list[Instances]) with ``proposal_boxes`` and ``objectness_logits`` (the
-            summed logits when QRPN is used), and the loss dict (``loss_qrpn`` added).
+            summed logits when QRPN is used), the loss dict (``loss_qrpn`` added) and, with
+            ``return_plain``, the plain proposals (the same as ``proposals`` without QRPN).
         """
         if not self.enabled or query_features is None:
-            return super().forward(images, features, gt_instances)
+            proposals, losses = super().forward(images, features, gt_instances)
+            return (proposals, losses, proposals) if return_plain else (proposals, losses)
         features = [features[f] for f in self.in_features]
         anchors = self.anchor_generator(features)
         objectness, anchor_deltas = self.rpn_head(features)
@@ -168,6 +173,9 @@ class QueryGuidedRPN(RPN):
             losses["loss_qrpn"] = self.query_losses(anchors, query_objectness, gt_instances)
         summed = [a + b for a, b in zip(objectness, query_objectness)]
         proposals = self.predict_proposals(anchors, summed, anchor_deltas, images.image_sizes)
+        if return_plain:
+            plain = self.predict_proposals(anchors, objectness, anchor_deltas, images.image_sizes)
+            return proposals, losses, plain
         return proposals, losses
 
     @torch.no_grad()

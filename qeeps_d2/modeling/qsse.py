@@ -180,9 +180,8 @@ def build_qsse_resnet_backbone(cfg, input_shape: ShapeSpec):
         101: [3, 4, 23, 3],
         152: [3, 8, 36, 3],
     }[depth]
-    basic = depth in (18, 34)
-    if basic and out_channels != 64:
-        raise ValueError("MODEL.RESNETS.RES2_OUT_CHANNELS must be 64 for ResNet-18/34")
+    basic = depth in (18, 34)  # BasicBlock stages; any RES2_OUT_CHANNELS (the SynthPS configs
+    # use a half-width ResNet-18 trained from scratch)
 
     stem = BasicStem(in_channels=input_shape.channels, out_channels=in_channels, norm=norm)
     max_stage = max(int(f[-1]) for f in out_features if f.startswith("res"))
