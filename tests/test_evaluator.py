@@ -275,3 +275,11 @@ def test_detector_recall_of_proposals(mode, tmp_path):
 def test_no_recall_without_proposals(tmp_path):
     ps = _run("pairs", tmp_path)["person_search"]
     assert "proposal_recall" not in ps and "plain_proposal_recall" not in ps
+
+
+def test_metrics_file_holds_the_returned_metrics(tmp_path):
+    results = _run("pairs", tmp_path)
+    with open(tmp_path / f"{DATASET}_metrics.json") as f:
+        saved = json.load(f)
+    assert saved["protocol"] == "synthps_test/G2" and saved["mode"] == "pairs"
+    assert saved["person_search"] == pytest.approx(dict(results["person_search"]))

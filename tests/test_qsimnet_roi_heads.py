@@ -214,3 +214,23 @@ def test_qsimnet_inference_on_random_features():
     embeds = heads.embed_boxes(features, [Boxes(torch.tensor([[5.0, 5, 35, 60]]))] * 2)
     assert embeds.shape == (2, EMBED_DIM)
     assert torch.allclose(embeds.norm(dim=1), torch.ones(2), atol=1e-5)
+
+
+def test_reid_head_centres_correlated_features():
+    """Pooled res5 features are non-negative and correlated: without centring a fresh head maps
+    them to nearly one direction (OIM then cannot start); with its BatchNorm they spread out."""
+    from qeeps_d2.modeling.roi_heads import ReIDHead
+
+    torch.manual_seed(0)
+    head = ReIDHead(64, 16).train()
+    feats = torch.rand(32, 64) + 1.0  # positive, strongly correlated rows
+    emb = head(feats)
+    assert torch.allclose(emb.norm(dim=1), torch.ones(32), atol=1e-5)
+    raw = torch.nn.functional.normalize(head.proj(feats), dim=1)
+    off_diagonal = ~torch.eye(32, dtype=torch.bool)
+    assert (raw @ raw.T)[off_diagonal].mean() > 0.9
+    assert (emb @ emb.T)[off_diagonal].mean().abs() < 0.2
+    # a single row in training uses the running statistics instead of failing
+    assert head(feats[:1]).shape == (1, 16)
+    head.eval()
+    assert torch.allclose(head(feats[:3]).norm(dim=1), torch.ones(3), atol=1e-5)

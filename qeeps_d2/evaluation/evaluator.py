@@ -19,11 +19,13 @@ the file records this threshold as ``"min_det_score"``.
 ``evaluate()`` gathers everything on the main process, builds each evaluated query's rows
 ``[x1, y1, x2, y2, score, similarity]`` per gallery image (agnostic models: similarity =
 ``pred_embeds @ query_embed``), writes ``<output_dir>/<dataset_name>_results.json.gz`` and scores
-it with :mod:`qeeps_d2.evaluation.search_metrics`. A gallery image (or pair) without output counts
+it with :mod:`qeeps_d2.evaluation.search_metrics`; the returned metrics also go to
+``<output_dir>/<dataset_name>_metrics.json``. A gallery image (or pair) without output counts
 as "no detection"; missing outputs are reported with a warning since they usually mean a bug.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections import OrderedDict, defaultdict
@@ -298,4 +300,8 @@ class PersonSearchEvaluator(DatasetEvaluator):
                 self._dataset_name, label, results["detection"]["AP"],
                 results["detection"]["recall"], results["detection"]["labeled_recall"],
             )
+        if self._output_dir:
+            path = os.path.join(self._output_dir, f"{self._dataset_name}_metrics.json")
+            with open(path, "w") as f:
+                json.dump({"protocol": self._protocol.name, "mode": mode, **results}, f, indent=1)
         return results

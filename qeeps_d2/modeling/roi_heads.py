@@ -31,16 +31,28 @@ __all__ = ["ReIDHead", "QEEPSROIHeads"]
 
 
 class ReIDHead(nn.Module):
-    """The ID-Net embedding: (R, C) -> (R, D) L2-normalised."""
+    """The ID-Net embedding: (R, C) -> FC -> BatchNorm -> L2 norm -> (R, D).
+
+    The BatchNorm (as in SeqNet's embedding head; OIM-caffe has only the FC) centres the
+    projected features: pooled res5 features are non-negative and strongly correlated, and
+    without centring a freshly initialised head maps every box to nearly the same unit vector,
+    where the OIM loss sits at log(table + queue size) with vanishing gradients.
+    """
 
     def __init__(self, in_channels: int, embed_dim: int):
         super().__init__()
         self.proj = nn.Linear(in_channels, embed_dim)
+        self.norm = nn.BatchNorm1d(embed_dim)
         nn.init.normal_(self.proj.weight, std=0.01)
         nn.init.constant_(self.proj.bias, 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.proj(x), dim=1)
+        if self.training and x.shape[0] < 2:
+            # BatchNorm cannot take batch statistics of one row: use the running ones
+            return F.normalize(F.batch_norm(
+                self.proj(x), self.norm.running_mean, self.norm.running_var,
+                self.norm.weight, self.norm.bias, training=False, eps=self.norm.eps), dim=1)
+        return F.normalize(self.norm(self.proj(x)), dim=1)
 
 
 def _cat_field(instances: List[Instances], name: str, fill: int) -> torch.Tensor:
