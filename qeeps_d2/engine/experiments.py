@@ -1,0 +1,121 @@
+"""Train-if-needed, evaluate and tabulate configs: the engine of ``make demo`` and
+``tools/ablation.py`` (the paper's Table 1 on any data set).
+
+For each config: train with ``projects/QEEPS/train_net.py`` unless ``OUTPUT_DIR/model_final.pth``
+exists (an interrupted run is resumed from its last checkpoint), evaluate once on the largest
+gallery size, then score every smaller gallery size from the same results file (a query's
+detections in a gallery image do not depend on the gallery size, so this equals a separate run
+when the smaller galleries are subsets of the larger ones, which is checked).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from typing import Callable, Dict, List, Optional, Sequence
+
+__all__ = ["run_config", "format_table", "TRAIN_NET"]
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TRAIN_NET = os.path.join(REPO, "projects", "QEEPS", "train_net.py")
+# progress lines worth echoing from a train_net.py run: training ETA and evaluation ETA
+_PROGRESS = re.compile(r"(eta: \S+\s+iter: \d+|Inference done \d+/\d+.*ETA=\S+|copypaste: \S.*)")
+
+
+def _train_net(args: Sequence[str], log_path: str, echo: Optional[Callable[[str], None]]) -> float:
+    """Run train_net.py with ``args``; the full output goes to ``log_path``, progress lines to
+    ``echo``. Returns the wall time in seconds; raises RuntimeError on failure."""
+    start = time.perf_counter()
+    with open(log_path, "a") as log:
+        proc = subprocess.Popen([sys.executable, TRAIN_NET, *args], stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, bufsize=1)
+        for line in proc.stdout:
+            log.write(line)
+            match = _PROGRESS.search(line)
+            if echo is not None and match:
+                echo(match.group(1))
+        code = proc.wait()
+    if code != 0:
+        raise RuntimeError(f"train_net.py {' '.join(args[:2])} failed (exit {code}); see {log_path}")
+    return time.perf_counter() - start
+
+
+def run_config(config: str, gallery_sizes: Sequence[int], opts: Sequence[str] = (),
+               echo: Optional[Callable[[str], None]] = print) -> Dict:
+    """Train (if needed) and evaluate one config; returns its table row (see module docstring).
+
+    Row keys: config, output_dir, iters, train_s / eval_s (when run here, else from an earlier
+    run), recall / plain_recall (detector recall in percent, None if not reported),
+    ``mAP@<size>`` / ``top1@<size>`` (percent), num_queries, results (path of the results file).
+    """
+    from qeeps_d2.data.catalog import load_protocol
+    from qeeps_d2.engine.trainer import setup_cfg
+    from qeeps_d2.evaluation.results_file import read_results
+    from qeeps_d2.evaluation.search_metrics import score_search
+
+    sizes = sorted(gallery_sizes)
+    opts = list(opts)
+    cfg = setup_cfg(config, opts, resolve_schedule=False)
+    out = cfg.OUTPUT_DIR
+    os.makedirs(out, exist_ok=True)
+    log = os.path.join(out, "experiment.log")
+    weights = os.path.join(out, "model_final.pth")
+    timing_path = os.path.join(out, "experiment_timing.json")
+    timing = {}
+    if os.path.exists(timing_path):
+        with open(timing_path) as f:
+            timing = json.load(f)
+    if not os.path.exists(weights):
+        resume = ["--resume"] if os.path.exists(os.path.join(out, "last_checkpoint")) else []
+        timing["train_s"] = _train_net(["--config-file", config, *resume, *opts], log, echo)
+    dataset = cfg.DATASETS.TEST[0]
+    eval_dir = os.path.join(out, f"eval_G{sizes[-1]}")
+    metrics_path = os.path.join(eval_dir, "inference", f"{dataset}_metrics.json")
+    if not os.path.exists(metrics_path):
+        timing["eval_s"] = _train_net(
+            ["--config-file", config, "--eval-only", *opts, "MODEL.WEIGHTS", weights,
+             "OUTPUT_DIR", eval_dir, "TEST.PERSON_SEARCH.GALLERY_SIZE", str(sizes[-1])],
+            log, echo)
+    with open(timing_path, "w") as f:
+        json.dump(timing, f)
+    with open(metrics_path) as f:
+        metrics = json.load(f)["person_search"]
+    results_path = os.path.join(eval_dir, "inference", f"{dataset}_results.json.gz")
+    detections = read_results(results_path).detections_by_query()
+    largest = load_protocol(dataset, sizes[-1])
+    with open(os.path.join(out, "config.yaml")) as f:
+        iters = re.search(r"^  MAX_ITER: (\d+)", f.read(), re.M)
+    row = {"config": os.path.relpath(config, REPO), "output_dir": out,
+           "iters": int(iters.group(1)) if iters else cfg.SOLVER.MAX_ITER, **timing,
+           "recall": metrics.get("proposal_recall"), "plain_recall": metrics.get("plain_proposal_recall"),
+           "num_queries": len(detections), "results": results_path}
+    for size in sizes:
+        protocol = load_protocol(dataset, size)
+        for i in detections:
+            if not set(protocol.gallery(i).images) <= set(largest.gallery(i).images):
+                raise ValueError(f"G{size} of query {i} is not a subset of G{sizes[-1]}")
+        scores = score_search(protocol, detections, cfg.TEST.PERSON_SEARCH.DET_THRESH,
+                              query_indices=sorted(detections))
+        row[f"mAP@{size}"] = 100 * scores.mean_ap
+        row[f"top1@{size}"] = 100 * scores.top_k(1)
+    return row
+
+
+def format_table(rows: List[Dict], gallery_sizes: Sequence[int]) -> str:
+    """Markdown table: mAP / top-1 per gallery size, detector recall, iterations and times."""
+    sizes = sorted(gallery_sizes)
+    head = ["config"] + [f"{m} G{s}" for s in sizes for m in ("mAP", "top-1")] + [
+        "recall", "iters", "train (min)", "eval (min)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        recall = "-" if r["recall"] is None else f"{r['recall']:.1f}"
+        if r["plain_recall"] is not None and r["plain_recall"] != r["recall"]:
+            recall += f" (RPN alone {r['plain_recall']:.1f})"
+        cells = [r["config"]] + [f"{r[f'{m}@{s}']:.1f}" for s in sizes for m in ("mAP", "top1")]
+        cells += [recall, str(r["iters"])]
+        cells += [f"{r[k] / 60:.1f}" if k in r else "-" for k in ("train_s", "eval_s")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
