@@ -9,10 +9,23 @@ def add_qeeps_config(cfg):
     _C.MODEL.QEEPS = CN()
     # Dimension of the L2-normalised re-identification embedding (the OIM feature).
     _C.MODEL.QEEPS.EMBED_DIM = 256
-    # Per-term loss weights (lambda_1..7 of the paper's Eq. 3; all 1 in the paper). Keys are the
-    # names in the loss dict: loss_cls, loss_box_reg, loss_rpn_cls, loss_rpn_loc, loss_oim,
-    # loss_qrpn, loss_sim. A term missing here has weight 1.
-    _C.MODEL.QEEPS.LOSS_WEIGHTS = CN(new_allowed=True)
+    # Per-term loss weights: lambda_1..7 of the paper's Eq. 3 (all 1 in the paper), named after
+    # the terms of the loss dict.
+    _C.MODEL.QEEPS.LOSS_WEIGHTS = CN()
+    # L_cls, the Fast R-CNN person/background classification (ClsNet).
+    _C.MODEL.QEEPS.LOSS_WEIGHTS.LOSS_CLS = 1.0
+    # L_reg, the Fast R-CNN box regression (RegNet).
+    _C.MODEL.QEEPS.LOSS_WEIGHTS.LOSS_BOX_REG = 1.0
+    # L_rpn_o, the stock RPN objectness.
+    _C.MODEL.QEEPS.LOSS_WEIGHTS.LOSS_RPN_CLS = 1.0
+    # L_rpn_r, the stock RPN box regression.
+    _C.MODEL.QEEPS.LOSS_WEIGHTS.LOSS_RPN_LOC = 1.0
+    # L_oim, the OIM re-identification loss.
+    _C.MODEL.QEEPS.LOSS_WEIGHTS.LOSS_OIM = 1.0
+    # L_qrpn, the query-guided objectness of QRPN.
+    _C.MODEL.QEEPS.LOSS_WEIGHTS.LOSS_QRPN = 1.0
+    # L_sim, the QSimNet cross-entropy.
+    _C.MODEL.QEEPS.LOSS_WEIGHTS.LOSS_SIM = 1.0
 
     # QSSE-Net (Sec. 4.1): query-guided Siamese squeeze-and-excitation in the BaseNet blocks.
     _C.MODEL.QEEPS.QSSE = CN()
@@ -78,6 +91,10 @@ def add_qeeps_config(cfg):
     _C.TEST.PERSON_SEARCH.MAX_QUERIES = 0
     # Images (or query-gallery pairs) per forward pass at inference.
     _C.TEST.PERSON_SEARCH.BATCH_SIZE = 4
+
+    # Optimizer: "SGD" (Detectron2's, the paper's) or "ADAMW" (converges much faster when training
+    # from scratch, as the CPU-sized SynthPS configs do; uses BASE_LR and WEIGHT_DECAY).
+    _C.SOLVER.OPTIMIZER = "SGD"
 
     # Schedule in epochs over the training records (images, or pairs for query-guided models):
     # EPOCHS > 0 overrides SOLVER.MAX_ITER and SOLVER.STEPS, see resolve_epoch_schedule.

@@ -9,6 +9,7 @@ import torch
 from detectron2.config import get_cfg
 from detectron2.data import get_detection_dataset_dicts
 from detectron2.engine import DefaultTrainer, default_setup
+from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 
 from qeeps_d2.checkpoint import install_qeeps_checkpointer
 from qeeps_d2.config import add_qeeps_config, resolve_epoch_schedule
@@ -33,6 +34,25 @@ class Trainer(DefaultTrainer):
     def __init__(self, cfg):
         super().__init__(cfg)
         install_qeeps_checkpointer(self)
+
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        """Detectron2's SGD, or AdamW with the same parameter groups (``SOLVER.OPTIMIZER``)."""
+        name = cfg.SOLVER.OPTIMIZER.upper()
+        if name == "SGD":
+            return super().build_optimizer(cfg, model)
+        if name != "ADAMW":
+            raise ValueError(f"SOLVER.OPTIMIZER must be SGD or ADAMW, got {cfg.SOLVER.OPTIMIZER!r}")
+        params = get_default_optimizer_params(
+            model,
+            base_lr=cfg.SOLVER.BASE_LR,
+            weight_decay_norm=cfg.SOLVER.WEIGHT_DECAY_NORM,
+            bias_lr_factor=cfg.SOLVER.BIAS_LR_FACTOR,
+            weight_decay_bias=cfg.SOLVER.WEIGHT_DECAY_BIAS,
+        )
+        optimizer = torch.optim.AdamW(params, lr=cfg.SOLVER.BASE_LR,
+                                      weight_decay=cfg.SOLVER.WEIGHT_DECAY)
+        return maybe_add_gradient_clipping(cfg, optimizer)
 
     @classmethod
     def build_train_loader(cls, cfg):
