@@ -1,0 +1,46 @@
+"""Trainer pieces: epoch schedule, optimizer choice, CPU fallback."""
+import pytest
+import torch
+
+from qeeps_d2.config import resolve_epoch_schedule
+from qeeps_d2.engine import Trainer
+
+import model_fixtures
+
+
+@pytest.mark.parametrize("records,batch,epochs,steps,expected", [
+    (434, 4, 2, (1,), (218, (109,))),       # ceil(434 / 4) = 109 iterations per epoch
+    (400, 4, 8, (6,), (800, (600,))),
+    (5, 16, 1.5, (), (2, ())),             # at least one iteration per epoch, rounded
+])
+def test_epoch_schedule(records, batch, epochs, steps, expected):
+    cfg = model_fixtures.tiny_cfg()
+    cfg.SOLVER.IMS_PER_BATCH, cfg.SOLVER.EPOCHS, cfg.SOLVER.EPOCH_STEPS = batch, epochs, steps
+    resolve_epoch_schedule(cfg, records)
+    assert (cfg.SOLVER.MAX_ITER, tuple(cfg.SOLVER.STEPS)) == expected
+
+
+def test_epoch_schedule_off_keeps_max_iter():
+    cfg = model_fixtures.tiny_cfg()
+    cfg.SOLVER.MAX_ITER, cfg.SOLVER.STEPS = 123, (100,)
+    resolve_epoch_schedule(cfg, 1000)
+    assert (cfg.SOLVER.MAX_ITER, tuple(cfg.SOLVER.STEPS)) == (123, (100,))
+
+
+@pytest.mark.parametrize("name,cls", [("SGD", torch.optim.SGD), ("adamw", torch.optim.AdamW)])
+def test_optimizer_choice(name, cls):
+    cfg = model_fixtures.tiny_cfg()
+    cfg.SOLVER.OPTIMIZER, cfg.SOLVER.BASE_LR, cfg.SOLVER.WEIGHT_DECAY = name, 0.003, 0.0002
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    opt = Trainer.build_optimizer(cfg, model)
+    assert isinstance(opt, cls)
+    assert {g["lr"] for g in opt.param_groups} == {0.003}
+    # norm layers get WEIGHT_DECAY_NORM (0 by default), the linear weight WEIGHT_DECAY
+    assert sorted({g["weight_decay"] for g in opt.param_groups}) == [0.0, 0.0002]
+
+
+def test_unknown_optimizer_is_rejected():
+    cfg = model_fixtures.tiny_cfg()
+    cfg.SOLVER.OPTIMIZER = "LAMB"
+    with pytest.raises(ValueError, match="SOLVER.OPTIMIZER"):
+        Trainer.build_optimizer(cfg, torch.nn.Linear(2, 2))
