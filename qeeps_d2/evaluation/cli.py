@@ -24,6 +24,7 @@ from ..data.search_protocol import SearchProtocol
 from .detection_metrics import detection_ground_truth, evaluate_detections
 from .results_file import SearchResults, read_results, validate_against_protocol
 from .search_metrics import TOP_K, SearchScores, score_search
+from ..utils.cli import ArgumentParser, UsageError, run_cli
 
 __all__ = ["main"]
 
@@ -31,17 +32,8 @@ _TEST_SETS = tuple(n for n in DATASET_NAMES if n.endswith("_test"))
 _CAMERA_SETS = ("prw_test", "prw_mini_test")
 
 
-class _UsageError(Exception):
-    """A command-line mistake (reported in one line, exit status 2)."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise _UsageError(message)
-
-
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="qeeps-eval",
+    p = ArgumentParser(prog="qeeps-eval",
                 description="Score a person-search results file against a data set's protocol.")
     p.add_argument("results", metavar="RESULTS", help="results file (.json or .json.gz)")
     p.add_argument("--dataset", required=True, choices=_TEST_SETS, help="registered test set")
@@ -80,7 +72,7 @@ def _detection_metrics(
 
 def _run(args) -> List[str]:
     if args.det_thresh < 0:
-        raise _UsageError(f"--det-thresh must be >= 0, got {args.det_thresh}")
+        raise UsageError(f"--det-thresh must be >= 0, got {args.det_thresh}")
     results = read_results(args.results)
     min_score = results.extra.get("min_det_score")
     if isinstance(min_score, (int, float)) and args.det_thresh < min_score:
@@ -117,15 +109,7 @@ def _run(args) -> List[str]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``qeeps-eval``; returns the exit status (0 ok, 2 user error)."""
-    try:
-        args = _parser().parse_args(argv)
-        lines = _run(args)
-    except (_UsageError, ValueError, OSError) as e:
-        message = " ".join(str(e).split())
-        print(f"qeeps-eval: error: {message}", file=sys.stderr)
-        return 2
-    print("\n".join(lines))
-    return 0
+    return run_cli("qeeps-eval", _parser(), _run, argv)
 
 
 if __name__ == "__main__":

@@ -37,21 +37,13 @@ from ..checkpoint import CheckpointError
 from .gallery import count_gallery, iter_gallery, read_image_bgr
 from .render import QUERY_COLOUR, draw_matches, match_strip, write_html_report
 from .searcher import Match, PersonSearcher
+from ..utils.cli import ArgumentParser, UsageError, run_cli
 
 __all__ = ["main"]
 
 
-class _UsageError(Exception):
-    """A command-line mistake (reported in one line, exit status 2)."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise _UsageError(message)
-
-
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="qeeps-search",
+    p = ArgumentParser(prog="qeeps-search",
                 description="Search a person (query box or crop) in a folder of images or a video.")
     p.add_argument("--config", required=True, help="the model's config file (YAML)")
     p.add_argument("--weights", required=True, help="the trained model's weights (.pth/.pkl)")
@@ -73,7 +65,7 @@ def _parse_box(text: str) -> List[float]:
     except ValueError:
         box = []
     if len(box) != 4:
-        raise _UsageError(f"--box must be four numbers x1,y1,x2,y2, got {text!r}")
+        raise UsageError(f"--box must be four numbers x1,y1,x2,y2, got {text!r}")
     return box
 
 
@@ -81,12 +73,12 @@ def _query(args):
     """(query image path, BGR image, box, is_crop) from --query/--box or --query-crop."""
     if args.query_crop:
         if args.query or args.box:
-            raise _UsageError("give either --query-crop, or --query with --box, not both")
+            raise UsageError("give either --query-crop, or --query with --box, not both")
         image = read_image_bgr(args.query_crop)
         height, width = image.shape[:2]
         return args.query_crop, image, [0.0, 0.0, float(width), float(height)], True
     if not (args.query and args.box):
-        raise _UsageError("give --query IMAGE with --box x1,y1,x2,y2, or --query-crop CROP")
+        raise UsageError("give --query IMAGE with --box x1,y1,x2,y2, or --query-crop CROP")
     box = _parse_box(args.box)
     return args.query, read_image_bgr(args.query), box, False
 
@@ -94,10 +86,10 @@ def _query(args):
 def _check_options(args) -> None:
     for name in ("topk", "every", "batch_size"):
         if getattr(args, name) < 1:
-            raise _UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     out = os.path.abspath(args.out)
     if os.path.exists(out) and not os.path.isdir(out):
-        raise _UsageError(f"--out {args.out} exists and is not a folder")
+        raise UsageError(f"--out {args.out} exists and is not a folder")
 
 
 def _results(args, query_path, box, is_crop, searcher, gallery, matches) -> dict:
@@ -199,14 +191,7 @@ def _run(args) -> List[str]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``qeeps-search``; returns the exit status (0 ok, 2 user error)."""
-    try:
-        lines = _run(_parser().parse_args(argv))
-    except (_UsageError, OSError, ValueError, CheckpointError) as e:
-        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"qeeps-search: error: {message}", file=sys.stderr)
-        return 2
-    print("\n".join(lines))
-    return 0
+    return run_cli("qeeps-search", _parser(), _run, argv, user_errors=(ValueError, OSError, CheckpointError))
 
 
 if __name__ == "__main__":
