@@ -72,6 +72,10 @@ def add_qeeps_config(cfg):
     _C.MODEL.QEEPS.OIM.SCALAR = 30.0
     # Momentum of the lookup-table update.
     _C.MODEL.QEEPS.OIM.MOMENTUM = 0.5
+    # Ramp the OIM loss weight linearly from 0 over this many iterations (0 = off). Training
+    # from scratch (SynthPS) needs it: the OIM gradient (scalar 30) swamps the shared res5
+    # features before the detector has learned anything, and ClsNet then stays at its prior.
+    _C.MODEL.QEEPS.OIM.LOSS_WARMUP_ITERS = 0
 
     # Training data: query-gallery pairs (used when any query-guidance switch is on).
     _C.DATALOADER.PAIRS = CN()

@@ -30,7 +30,7 @@ def _model(qsse=False, qrpn=False, qsimnet=False, freeze_at=0, loss_weights=None
     cfg.MODEL.ROI_HEADS.POSITIVE_FRACTION = 1.0
     cfg.MODEL.BACKBONE.FREEZE_AT = freeze_at
     for key, value in (loss_weights or {}).items():
-        setattr(cfg.MODEL.QEEPS.LOSS_WEIGHTS, key, value)
+        setattr(cfg.MODEL.QEEPS.LOSS_WEIGHTS, key.upper(), value)
     torch.manual_seed(0)
     model = build_model(cfg)
     model_fixtures.fill_oim_lut(model)
@@ -102,6 +102,18 @@ def test_loss_weights_scale_each_term():
         k = key.lower()
         assert plain_losses[k] != 0, k
         assert torch.allclose(weighted_losses[k], w * plain_losses[k], rtol=1e-5), k
+
+
+def test_oim_loss_warmup_ramps_its_weight():
+    """LOSS_WARMUP_ITERS = 4: at iteration i the OIM term is scaled by (i + 1) / 4, then by 1."""
+    model = _model()
+    model.oim_warmup_iters = 4
+    losses = {"loss_oim": torch.tensor(2.0), "loss_cls": torch.tensor(1.0)}
+    for it, ramp in ((0, 0.25), (2, 0.75), (3, 1.0), (10, 1.0)):
+        with EventStorage(it):
+            weighted = model._weighted(losses)
+        assert weighted["loss_oim"].item() == pytest.approx(2.0 * ramp)
+        assert weighted["loss_cls"].item() == 1.0
 
 
 def test_pair_training_with_an_empty_gallery():

@@ -29,7 +29,7 @@ def _train_net(args: Sequence[str], log_path: str, echo: Optional[Callable[[str]
     """Run train_net.py with ``args``; the full output goes to ``log_path``, progress lines to
     ``echo``. Returns the wall time in seconds; raises RuntimeError on failure."""
     start = time.perf_counter()
-    with open(log_path, "a") as log:
+    with open(log_path, "a", buffering=1) as log:  # line-buffered: tail -f works
         proc = subprocess.Popen([sys.executable, TRAIN_NET, *args], stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, bufsize=1)
         for line in proc.stdout:

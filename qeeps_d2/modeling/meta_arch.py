@@ -28,6 +28,7 @@ import torch
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN
 from detectron2.structures import Boxes, ImageList
+from detectron2.utils.events import get_event_storage
 
 __all__ = ["QEEPS"]
 
@@ -37,16 +38,19 @@ class QEEPS(GeneralizedRCNN):
     """Siamese ``GeneralizedRCNN`` with query guidance (see the module docstring)."""
 
     @configurable
-    def __init__(self, *, loss_weights: Dict[str, float], qsse: bool, **kwargs):
+    def __init__(self, *, loss_weights: Dict[str, float], qsse: bool, oim_warmup_iters: int = 0,
+                 **kwargs):
         super().__init__(**kwargs)
         self.loss_weights = dict(loss_weights)
         self.qsse = qsse
+        self.oim_warmup_iters = oim_warmup_iters
 
     @classmethod
     def from_config(cls, cfg):
         ret = super().from_config(cfg)
         ret["loss_weights"] = {k.lower(): float(v) for k, v in cfg.MODEL.QEEPS.LOSS_WEIGHTS.items()}
         ret["qsse"] = cfg.MODEL.QEEPS.QSSE.ENABLED
+        ret["oim_warmup_iters"] = cfg.MODEL.QEEPS.OIM.LOSS_WARMUP_ITERS
         return ret
 
     @property
@@ -101,7 +105,12 @@ class QEEPS(GeneralizedRCNN):
         return images, gallery_feats, query_feats, query_boxes
 
     def _weighted(self, losses: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        return {k: v * self.loss_weights.get(k, 1.0) for k, v in losses.items()}
+        """Apply MODEL.QEEPS.LOSS_WEIGHTS (and the OIM warm-up ramp) to the loss dict."""
+        weights = dict(self.loss_weights)
+        if self.oim_warmup_iters > 0 and "loss_oim" in losses:
+            ramp = min(1.0, (get_event_storage().iter + 1) / self.oim_warmup_iters)
+            weights["loss_oim"] = weights.get("loss_oim", 1.0) * ramp
+        return {k: v * weights.get(k, 1.0) for k, v in losses.items()}
 
     # ------------------------------------------------------------------ training
     def forward(self, batched_inputs: List[Dict]):
@@ -123,8 +132,6 @@ class QEEPS(GeneralizedRCNN):
             proposals, proposal_losses = self.proposal_generator(images, features, gt_instances)
             _, detector_losses = self.roi_heads(images, features, proposals, gt_instances)
         if self.vis_period > 0:
-            from detectron2.utils.events import get_event_storage
-
             storage = get_event_storage()
             if storage.iter % self.vis_period == 0:
                 self.visualize_training(batched_inputs, proposals)
