@@ -72,9 +72,12 @@ def add_qeeps_config(cfg):
     _C.MODEL.QEEPS.OIM.SCALAR = 30.0
     # Momentum of the lookup-table update.
     _C.MODEL.QEEPS.OIM.MOMENTUM = 0.5
-    # Ramp the OIM loss weight linearly from 0 over this many iterations (0 = off). Training
-    # from scratch (SynthPS) needs it: the OIM gradient (scalar 30) swamps the shared res5
-    # features before the detector has learned anything, and ClsNet then stays at its prior.
+    # The OIM loss weight is 0 before this iteration (detector first), then ramps linearly to
+    # its LOSS_WEIGHTS value over LOSS_WARMUP_ITERS. Training from scratch (SynthPS) needs it:
+    # the OIM gradient (scalar 30) swamps the shared res5 features before the detector has
+    # learned anything, and ClsNet then stays at its prior. 0 / 0 = the paper (always on).
+    _C.MODEL.QEEPS.OIM.LOSS_START_ITER = 0
+    # Length of the linear ramp of the OIM loss weight after LOSS_START_ITER (0 = a step).
     _C.MODEL.QEEPS.OIM.LOSS_WARMUP_ITERS = 0
 
     # Training data: query-gallery pairs (used when any query-guidance switch is on).

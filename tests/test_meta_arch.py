@@ -104,12 +104,16 @@ def test_loss_weights_scale_each_term():
         assert torch.allclose(weighted_losses[k], w * plain_losses[k], rtol=1e-5), k
 
 
-def test_oim_loss_warmup_ramps_its_weight():
-    """LOSS_WARMUP_ITERS = 4: at iteration i the OIM term is scaled by (i + 1) / 4, then by 1."""
+@pytest.mark.parametrize("start,warmup,expected", [
+    (0, 4, ((0, 0.25), (2, 0.75), (3, 1.0), (10, 1.0))),  # ramp (i + 1) / 4 from the start
+    (5, 0, ((0, 0.0), (4, 0.0), (5, 1.0), (9, 1.0))),     # off, then on at iteration 5
+    (5, 2, ((4, 0.0), (5, 0.5), (6, 1.0))),               # off, then a 2-iteration ramp
+])
+def test_oim_loss_start_and_warmup(start, warmup, expected):
     model = _model()
-    model.oim_warmup_iters = 4
+    model.oim_start_iter, model.oim_warmup_iters = start, warmup
     losses = {"loss_oim": torch.tensor(2.0), "loss_cls": torch.tensor(1.0)}
-    for it, ramp in ((0, 0.25), (2, 0.75), (3, 1.0), (10, 1.0)):
+    for it, ramp in expected:
         with EventStorage(it):
             weighted = model._weighted(losses)
         assert weighted["loss_oim"].item() == pytest.approx(2.0 * ramp)

@@ -38,11 +38,12 @@ class QEEPS(GeneralizedRCNN):
     """Siamese ``GeneralizedRCNN`` with query guidance (see the module docstring)."""
 
     @configurable
-    def __init__(self, *, loss_weights: Dict[str, float], qsse: bool, oim_warmup_iters: int = 0,
-                 **kwargs):
+    def __init__(self, *, loss_weights: Dict[str, float], qsse: bool, oim_start_iter: int = 0,
+                 oim_warmup_iters: int = 0, **kwargs):
         super().__init__(**kwargs)
         self.loss_weights = dict(loss_weights)
         self.qsse = qsse
+        self.oim_start_iter = oim_start_iter
         self.oim_warmup_iters = oim_warmup_iters
 
     @classmethod
@@ -50,6 +51,7 @@ class QEEPS(GeneralizedRCNN):
         ret = super().from_config(cfg)
         ret["loss_weights"] = {k.lower(): float(v) for k, v in cfg.MODEL.QEEPS.LOSS_WEIGHTS.items()}
         ret["qsse"] = cfg.MODEL.QEEPS.QSSE.ENABLED
+        ret["oim_start_iter"] = cfg.MODEL.QEEPS.OIM.LOSS_START_ITER
         ret["oim_warmup_iters"] = cfg.MODEL.QEEPS.OIM.LOSS_WARMUP_ITERS
         return ret
 
@@ -105,10 +107,11 @@ class QEEPS(GeneralizedRCNN):
         return images, gallery_feats, query_feats, query_boxes
 
     def _weighted(self, losses: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        """Apply MODEL.QEEPS.LOSS_WEIGHTS (and the OIM warm-up ramp) to the loss dict."""
+        """Apply MODEL.QEEPS.LOSS_WEIGHTS (and the OIM start / warm-up ramp) to the loss dict."""
         weights = dict(self.loss_weights)
-        if self.oim_warmup_iters > 0 and "loss_oim" in losses:
-            ramp = min(1.0, (get_event_storage().iter + 1) / self.oim_warmup_iters)
+        if (self.oim_start_iter > 0 or self.oim_warmup_iters > 0) and "loss_oim" in losses:
+            since = get_event_storage().iter - self.oim_start_iter  # iterations since the start
+            ramp = 0.0 if since < 0 else min(1.0, (since + 1) / max(self.oim_warmup_iters, 1))
             weights["loss_oim"] = weights.get("loss_oim", 1.0) * ramp
         return {k: v * weights.get(k, 1.0) for k, v in losses.items()}
 
