@@ -79,6 +79,12 @@ def add_qeeps_config(cfg):
     _C.MODEL.QEEPS.OIM.LOSS_START_ITER = 0
     # Length of the linear ramp of the OIM loss weight after LOSS_START_ITER (0 = a step).
     _C.MODEL.QEEPS.OIM.LOSS_WARMUP_ITERS = 0
+    # Fraction of the re-id branch's gradient (OIM, QSimNet) that reaches the features it
+    # shares with the detector (res5 and the backbone); the re-id head itself always gets all of
+    # it. 1 = the paper. With AdamW and from-scratch features (SynthPS) the OIM gradient,
+    # tens of times larger than the detection losses', otherwise takes over the shared updates
+    # and undoes the detector.
+    _C.MODEL.QEEPS.OIM.TRUNK_GRAD_SCALE = 1.0
 
     # Training data: query-gallery pairs (used when any query-guidance switch is on).
     _C.DATALOADER.PAIRS = CN()

@@ -234,3 +234,20 @@ def test_reid_head_centres_correlated_features():
     assert head(feats[:1]).shape == (1, 16)
     head.eval()
     assert torch.allclose(head(feats[:3]).norm(dim=1), torch.ones(3), atol=1e-5)
+
+
+def test_trunk_grad_scale_scales_only_the_shared_features_gradient():
+    """embed(): the re-id head gets its full gradient, the shared features a scaled one."""
+    from qeeps_d2.modeling.roi_heads import QEEPSROIHeads
+
+    grads = {}
+    for scale in (1.0, 0.25):
+        torch.manual_seed(0)
+        cfg = model_fixtures.tiny_cfg()
+        cfg.MODEL.QEEPS.OIM.TRUNK_GRAD_SCALE = scale
+        head = QEEPSROIHeads(cfg, {"res4": ShapeSpec(channels=128, stride=16)}).train()
+        feats = torch.rand(6, 256, requires_grad=True)
+        head.embed(feats).pow(3).sum().backward()
+        grads[scale] = (feats.grad.clone(), head.reid_head.proj.weight.grad.clone())
+    assert torch.allclose(grads[0.25][0], 0.25 * grads[1.0][0], atol=1e-6)
+    assert torch.allclose(grads[0.25][1], grads[1.0][1])

@@ -55,6 +55,19 @@ class ReIDHead(nn.Module):
         return F.normalize(self.norm(self.proj(x)), dim=1)
 
 
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; multiplies the gradient by ``scale`` on the way back."""
+
+    @staticmethod
+    def forward(ctx, x, scale: float):
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.scale, None
+
+
 def _cat_field(instances: List[Instances], name: str, fill: int) -> torch.Tensor:
     """Concatenate an integer/bool field over images; images without it contribute ``fill``."""
     parts = []
@@ -82,6 +95,7 @@ class QEEPSROIHeads(Res5ROIHeads):
         oim_loss: nn.Module,
         qsimnet: Optional[nn.Module] = None,
         min_det_score: float = 0.01,
+        trunk_grad_scale: float = 1.0,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -89,6 +103,7 @@ class QEEPSROIHeads(Res5ROIHeads):
         self.oim_loss = oim_loss
         self.qsimnet = qsimnet
         self.min_det_score = min_det_score
+        self.trunk_grad_scale = trunk_grad_scale
 
     @classmethod
     def from_config(cls, cfg, input_shape):
@@ -113,6 +128,7 @@ class QEEPSROIHeads(Res5ROIHeads):
             ),
             qsimnet=QSimNet(q.EMBED_DIM) if q.QSIMNET.ENABLED else None,
             min_det_score=q.QSIMNET.MIN_DET_SCORE,
+            trunk_grad_scale=q.OIM.TRUNK_GRAD_SCALE,
         )
         return ret
 
@@ -121,9 +137,16 @@ class QEEPSROIHeads(Res5ROIHeads):
         x = self._shared_roi_transform([features[f] for f in self.in_features], boxes)
         return x.mean(dim=(2, 3))
 
+    def embed(self, box_features: torch.Tensor) -> torch.Tensor:
+        """(R, C5) -> (R, D) re-id embeddings; in training the gradient reaching the shared
+        features is scaled by MODEL.QEEPS.OIM.TRUNK_GRAD_SCALE."""
+        if self.training and self.trunk_grad_scale != 1.0:
+            box_features = _ScaleGrad.apply(box_features, self.trunk_grad_scale)
+        return self.reid_head(box_features)
+
     def embed_boxes(self, features: Dict[str, torch.Tensor], boxes: List[Boxes]) -> torch.Tensor:
         """Re-id embeddings (sum of boxes, D) of given boxes, e.g. the query boxes."""
-        return self.reid_head(self.box_features(features, boxes))
+        return self.embed(self.box_features(features, boxes))
 
     def forward(
         self,
@@ -149,7 +172,7 @@ class QEEPSROIHeads(Res5ROIHeads):
             proposals = self.label_and_sample_proposals(proposals, targets)
         feats = self.box_features(features, [p.proposal_boxes for p in proposals])
         predictions = self.box_predictor(feats)
-        embeds = self.reid_head(feats)
+        embeds = self.embed(feats)
         if self.training:
             return [], self._losses(predictions, embeds, proposals, query_embeds)
         return self._inference(predictions, embeds, proposals, query_embeds), {}
