@@ -70,7 +70,9 @@ def run_config(config: str, gallery_sizes: Sequence[int], opts: Sequence[str] = 
             timing = json.load(f)
     if not os.path.exists(weights):
         resume = ["--resume"] if os.path.exists(os.path.join(out, "last_checkpoint")) else []
-        timing["train_s"] = _train_net(["--config-file", config, *resume, *opts], log, echo)
+        # DATASETS.TEST () skips the trainer's own final evaluation: the one below covers it
+        timing["train_s"] = _train_net(
+            ["--config-file", config, *resume, *opts, "DATASETS.TEST", "()"], log, echo)
     dataset = cfg.DATASETS.TEST[0]
     eval_dir = os.path.join(out, f"eval_G{sizes[-1]}")
     metrics_path = os.path.join(eval_dir, "inference", f"{dataset}_metrics.json")
