@@ -251,3 +251,25 @@ def test_trunk_grad_scale_scales_only_the_shared_features_gradient():
         grads[scale] = (feats.grad.clone(), head.reid_head.proj.weight.grad.clone())
     assert torch.allclose(grads[0.25][0], 0.25 * grads[1.0][0], atol=1e-6)
     assert torch.allclose(grads[0.25][1], grads[1.0][1])
+
+
+def test_reid_head_normalises_with_foreground_statistics():
+    """stats_mask rows give the batch statistics applied to every row (and to the running ones)."""
+    from qeeps_d2.modeling.roi_heads import ReIDHead
+
+    torch.manual_seed(0)
+    head = ReIDHead(8, 4).train()
+    x = torch.rand(10, 8)
+    mask = torch.zeros(10, dtype=torch.bool)
+    mask[:4] = True
+    out = head(x, mask)
+    z = head.proj(x)
+    mean, var = z[:4].mean(0), z[:4].var(0, unbiased=False)
+    expected = F.normalize((z - mean) / torch.sqrt(var + head.norm.eps), dim=1)
+    assert torch.allclose(out, expected, atol=1e-5)
+    m = head.norm.momentum
+    assert torch.allclose(head.norm.running_mean, m * mean, atol=1e-6)
+    head.eval()
+    running = F.normalize(
+        (z - head.norm.running_mean) / torch.sqrt(head.norm.running_var + head.norm.eps), dim=1)
+    assert torch.allclose(head(x), running, atol=1e-5)

@@ -37,6 +37,13 @@ class ReIDHead(nn.Module):
     projected features: pooled res5 features are non-negative and strongly correlated, and
     without centring a freshly initialised head maps every box to nearly the same unit vector,
     where the OIM loss sits at log(table + queue size) with vanishing gradients.
+
+    Its statistics must be those of PEOPLE: a training batch of proposals is mostly background,
+    and with background in the statistics every person box is shifted the same way from the
+    mean, so all person embeddings point in one direction (seen on SynthPS: test-time
+    similarities of 0.999 for every box). In training, ``stats_mask`` selects the rows
+    (foreground proposals) whose batch statistics normalise all rows and update the running
+    ones; inference uses the running statistics.
     """
 
     def __init__(self, in_channels: int, embed_dim: int):
@@ -46,13 +53,22 @@ class ReIDHead(nn.Module):
         nn.init.normal_(self.proj.weight, std=0.01)
         nn.init.constant_(self.proj.bias, 0)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training and x.shape[0] < 2:
-            # BatchNorm cannot take batch statistics of one row: use the running ones
-            return F.normalize(F.batch_norm(
-                self.proj(x), self.norm.running_mean, self.norm.running_var,
-                self.norm.weight, self.norm.bias, training=False, eps=self.norm.eps), dim=1)
-        return F.normalize(self.norm(self.proj(x)), dim=1)
+    def forward(self, x: torch.Tensor, stats_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x: (R, C); stats_mask: (R,) bool rows giving the batch statistics (None = all)."""
+        z = self.proj(x)
+        norm = self.norm
+        ref = z if stats_mask is None else z[stats_mask]
+        if self.training and ref.shape[0] >= 2:
+            mean, var = ref.mean(dim=0), ref.var(dim=0, unbiased=False)
+            with torch.no_grad():
+                m = norm.momentum
+                norm.running_mean.mul_(1 - m).add_(m * mean.detach())
+                norm.running_var.mul_(1 - m).add_(m * ref.var(dim=0, unbiased=True).detach())
+                norm.num_batches_tracked.add_(1)
+        else:  # inference, or too few rows for batch statistics: the running ones
+            mean, var = norm.running_mean, norm.running_var
+        z = (z - mean) / torch.sqrt(var + norm.eps) * norm.weight + norm.bias
+        return F.normalize(z, dim=1)
 
 
 class _ScaleGrad(torch.autograd.Function):
@@ -137,12 +153,14 @@ class QEEPSROIHeads(Res5ROIHeads):
         x = self._shared_roi_transform([features[f] for f in self.in_features], boxes)
         return x.mean(dim=(2, 3))
 
-    def embed(self, box_features: torch.Tensor) -> torch.Tensor:
+    def embed(self, box_features: torch.Tensor, stats_mask: Optional[torch.Tensor] = None
+              ) -> torch.Tensor:
         """(R, C5) -> (R, D) re-id embeddings; in training the gradient reaching the shared
-        features is scaled by MODEL.QEEPS.OIM.TRUNK_GRAD_SCALE."""
+        features is scaled by MODEL.QEEPS.OIM.TRUNK_GRAD_SCALE and ``stats_mask`` (foreground
+        rows) gives the normalisation statistics (see :class:`ReIDHead`)."""
         if self.training and self.trunk_grad_scale != 1.0:
             box_features = _ScaleGrad.apply(box_features, self.trunk_grad_scale)
-        return self.reid_head(box_features)
+        return self.reid_head(box_features, stats_mask)
 
     def embed_boxes(self, features: Dict[str, torch.Tensor], boxes: List[Boxes]) -> torch.Tensor:
         """Re-id embeddings (sum of boxes, D) of given boxes, e.g. the query boxes."""
@@ -172,7 +190,11 @@ class QEEPSROIHeads(Res5ROIHeads):
             proposals = self.label_and_sample_proposals(proposals, targets)
         feats = self.box_features(features, [p.proposal_boxes for p in proposals])
         predictions = self.box_predictor(feats)
-        embeds = self.embed(feats)
+        foreground = None
+        if self.training:
+            gt_classes = torch.cat([p.gt_classes for p in proposals])
+            foreground = (gt_classes >= 0) & (gt_classes < self.num_classes)
+        embeds = self.embed(feats, foreground)
         if self.training:
             return [], self._losses(predictions, embeds, proposals, query_embeds)
         return self._inference(predictions, embeds, proposals, query_embeds), {}
