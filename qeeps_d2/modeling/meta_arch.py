@@ -100,11 +100,14 @@ class QEEPS(GeneralizedRCNN):
         gallery_feats = {k: v[:num] for k, v in features.items()}
         query_feats = {k: v[num:] if rows is None else v[num:][rows] for k, v in features.items()}
         images = ImageList(both.tensor[:num], both.image_sizes[:num])
-        query_boxes = [
+        return images, gallery_feats, query_feats, self._query_boxes(batched_inputs)
+
+    def _query_boxes(self, batched_inputs) -> List[Boxes]:
+        """One ``Boxes`` holding one box per input: its ``query_box``."""
+        return [
             Boxes(torch.as_tensor(x["query_box"], dtype=torch.float32, device=self.device)[None])
             for x in batched_inputs
         ]
-        return images, gallery_feats, query_feats, query_boxes
 
     def _weighted(self, losses: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         """Apply MODEL.QEEPS.LOSS_WEIGHTS (and the OIM start / warm-up ramp) to the loss dict."""
@@ -180,11 +183,7 @@ class QEEPS(GeneralizedRCNN):
     def _infer_queries(self, batched_inputs, do_postprocess=True):
         images = self.preprocess_image(batched_inputs)
         features = self.backbone(images.tensor)
-        boxes = [
-            Boxes(torch.as_tensor(x["query_box"], dtype=torch.float32, device=self.device)[None])
-            for x in batched_inputs
-        ]
-        embeds = self.roi_heads.embed_boxes(features, boxes)
+        embeds = self.roi_heads.embed_boxes(features, self._query_boxes(batched_inputs))
         return [{"query_embed": e} for e in embeds]
 
     def _infer_pairs(self, batched_inputs, do_postprocess=True):

@@ -229,8 +229,7 @@ class QEEPSROIHeads(Res5ROIHeads):
         boxes = self.box_predictor.predict_boxes(predictions, proposals)
         probs = self.box_predictor.predict_probs(predictions, proposals)
         results = []
-        for i, p in enumerate(proposals):
-            emb = embeds.split(num_per_image)[i]
+        for i, (p, emb) in enumerate(zip(proposals, embeds.split(num_per_image))):
             sims = self.qsimnet.similarity(query_embeds[i : i + 1], emb)
             det = probs[i][:, 0]
             bxs = Boxes(boxes[i][:, :4])
