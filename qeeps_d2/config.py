@@ -104,6 +104,10 @@ def add_qeeps_config(cfg):
     _C.TEST.PERSON_SEARCH.MAX_QUERIES = 0
     # Images (or query-gallery pairs) per forward pass at inference.
     _C.TEST.PERSON_SEARCH.BATCH_SIZE = 4
+    # Cascade evaluation of query-guided models (qeeps_d2/evaluation/cascade.py): 0 = exhaustive
+    # (every query-gallery pair); K > 0 = the same network query-agnostically over the gallery
+    # images once, then pair mode only on each query's top-K images (results labelled cascade).
+    _C.TEST.PERSON_SEARCH.CASCADE_TOPK = 0
 
     # Optimizer: "SGD" (Detectron2's, the paper's) or "ADAMW" (converges much faster when training
     # from scratch, as the CPU-sized SynthPS configs do; uses BASE_LR and WEIGHT_DECAY).

@@ -10,26 +10,37 @@ from detectron2.config import get_cfg
 from detectron2.data import get_detection_dataset_dicts
 from detectron2.engine import DefaultTrainer, default_setup
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
+from detectron2.utils import comm
 
 from qeeps_d2.checkpoint import install_qeeps_checkpointer
 from qeeps_d2.config import add_qeeps_config, resolve_epoch_schedule
 from qeeps_d2.data.build import (
     build_person_search_test_loader,
-    build_person_search_train_loader,
+    cascade_topk,
     evaluated_queries,
     load_test_protocol,
     uses_pairs,
 )
+from qeeps_d2.data.mapper import PersonSearchMapper
 from qeeps_d2.data.pairs import build_pair_records
+from qeeps_d2.data.samplers import ResumableTrainLoader
+from qeeps_d2.engine.hooks import NonFiniteLossCheck
+from qeeps_d2.engine.rng_state import get_rng_state, set_rng_state
 
-__all__ = ["Trainer", "setup_cfg", "num_train_records"]
+__all__ = ["Trainer", "setup_cfg", "num_train_records", "train_records"]
 
 logger = logging.getLogger(__name__)
 
 
 class Trainer(DefaultTrainer):
     """``DefaultTrainer`` with person-search data loaders, the person-search evaluator and the
-    QEEPS checkpointer (torchvision weights, safe loading of our own checkpoints)."""
+    QEEPS checkpointer (torchvision weights, safe loading of our own checkpoints).
+
+    Resuming is exact: checkpoints also hold the RNG states and the training stream's seed, and
+    the training loader (:class:`~qeeps_d2.data.samplers.ResumableTrainLoader`) restarts at the
+    resumed iteration's batch. A NaN or infinite loss term stops training with a message naming
+    the iteration and the term (:class:`~qeeps_d2.engine.hooks.NonFiniteLossCheck`).
+    """
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -56,7 +67,41 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
-        return build_person_search_train_loader(cfg)
+        """Training records (:func:`train_records`) in a resumable, deterministic stream."""
+        seed = cfg.SEED if cfg.SEED >= 0 else comm.shared_random_seed()
+        return ResumableTrainLoader(
+            train_records(cfg), PersonSearchMapper(cfg, is_train=True),
+            cfg.SOLVER.IMS_PER_BATCH, seed, num_workers=cfg.DATALOADER.NUM_WORKERS,
+            group_by_aspect=cfg.DATALOADER.ASPECT_RATIO_GROUPING,
+            rank=comm.get_rank(), world_size=comm.get_world_size(),
+        )
+
+    def build_hooks(self):
+        return [NonFiniteLossCheck()] + super().build_hooks()
+
+    def state_dict(self):
+        """Detectron2's trainer state plus the RNG states and the training stream's seed."""
+        state = super().state_dict()
+        state["rng"] = get_rng_state()
+        loader = self._trainer.data_loader
+        if isinstance(loader, ResumableTrainLoader):
+            state["data_seed"] = loader.seed
+        return state
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        if "rng" in state_dict:
+            set_rng_state(state_dict["rng"])
+        loader = self._trainer.data_loader
+        if "data_seed" in state_dict and isinstance(loader, ResumableTrainLoader):
+            loader.set_seed(state_dict["data_seed"])
+
+    def resume_or_load(self, resume=True):
+        """Detectron2's ``resume_or_load``; the training stream then starts at ``start_iter``."""
+        super().resume_or_load(resume=resume)
+        loader = self._trainer.data_loader
+        if isinstance(loader, ResumableTrainLoader):
+            loader.start_at(self.start_iter)
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
@@ -73,15 +118,53 @@ class Trainer(DefaultTrainer):
             output_dir=output_folder or os.path.join(cfg.OUTPUT_DIR, "inference"),
             det_thresh=cfg.TEST.PERSON_SEARCH.DET_THRESH,
             query_indices=evaluated_queries(cfg, protocol),
+            cascade_topk=cascade_topk(cfg),
         )
+
+    @classmethod
+    def test(cls, cfg, model, evaluators=None):
+        """``DefaultTrainer.test``; with ``TEST.PERSON_SEARCH.CASCADE_TOPK`` > 0 (query-guided
+        models) each test set is evaluated in cascade (query-agnostic first stage, then the
+        shortlisted pairs; see ``qeeps_d2.evaluation.cascade``)."""
+        if not cascade_topk(cfg):
+            return super().test(cfg, model, evaluators)
+        from functools import partial
+
+        from detectron2.evaluation import print_csv_format
+        from detectron2.utils import comm
+
+        from qeeps_d2.evaluation.evaluator import cascade_inference_on_dataset
+
+        results = {}
+        for idx, name in enumerate(cfg.DATASETS.TEST):
+            protocol = load_test_protocol(cfg, name)
+            evaluator = evaluators[idx] if evaluators else cls.build_evaluator(cfg, name)
+            results[name] = cascade_inference_on_dataset(
+                model,
+                build_person_search_test_loader(cfg, name, protocol, mode="agnostic"),
+                partial(build_person_search_test_loader, cfg, name, protocol, "pairs"),
+                evaluator,
+            )
+            if comm.is_main_process():
+                logger.info("Evaluation results for %s (cascade top-%d) in csv format:", name,
+                            cascade_topk(cfg))
+                print_csv_format(results[name])
+        return results[cfg.DATASETS.TEST[0]] if len(results) == 1 else results
+
+
+def train_records(cfg):
+    """The training records: images with persons (OIM) or query-gallery pairs (query-guided)."""
+    dicts = get_detection_dataset_dicts(cfg.DATASETS.TRAIN, filter_empty=True)
+    if uses_pairs(cfg):
+        return build_pair_records(
+            dicts, cfg.DATALOADER.PAIRS.GALLERIES_PER_QUERY, seed=cfg.SEED if cfg.SEED >= 0 else 0
+        )
+    return dicts
 
 
 def num_train_records(cfg) -> int:
     """Training records per epoch: images (OIM) or query-gallery pairs (query-guided)."""
-    dicts = get_detection_dataset_dicts(cfg.DATASETS.TRAIN, filter_empty=True)
-    if uses_pairs(cfg):
-        return len(build_pair_records(dicts, cfg.DATALOADER.PAIRS.GALLERIES_PER_QUERY))
-    return len(dicts)
+    return len(train_records(cfg))
 
 
 def setup_cfg(config_file: str, opts=(), args=None, resolve_schedule: bool = True):

@@ -22,6 +22,13 @@ the file records this threshold as ``"min_det_score"``.
 it with :mod:`qeeps_d2.evaluation.search_metrics`; the returned metrics also go to
 ``<output_dir>/<dataset_name>_metrics.json``. A gallery image (or pair) without output counts
 as "no detection"; missing outputs are reported with a warning since they usually mean a bug.
+
+Cascade (``cascade_topk`` K > 0, :mod:`qeeps_d2.evaluation.cascade`): the evaluator sees two
+runs, driven by :func:`cascade_inference_on_dataset`. The first (query-agnostic records: gallery
+images and query boxes) ends with the per-query shortlists, shared with every rank; the second
+(the shortlisted pairs) ends with the merged rows, scored and written as mode ``"cascade"`` with
+``cascade_topk`` (results file, metrics file, returned metrics and log lines). The first stage's
+detections are written as ``gallery_detections`` and give the detection metrics.
 """
 from __future__ import annotations
 
@@ -29,7 +36,7 @@ import json
 import logging
 import os
 from collections import OrderedDict, defaultdict
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -38,13 +45,14 @@ from detectron2.evaluation import DatasetEvaluator
 from detectron2.utils import comm
 
 from ..data.search_protocol import SearchProtocol
+from . import cascade
 from .box_iou import box_iou
 from .detection_metrics import detection_ground_truth, evaluate_detections
 from .results_file import QueryResult, write_results
 from .search_inputs import check_query_indices
 from .search_metrics import TOP_K, score_search
 
-__all__ = ["PersonSearchEvaluator"]
+__all__ = ["PersonSearchEvaluator", "cascade_inference_on_dataset"]
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +79,7 @@ class PersonSearchEvaluator(DatasetEvaluator):
         det_thresh: float = 0.5,
         query_indices: Optional[Sequence[int]] = None,
         distributed: bool = True,
+        cascade_topk: int = 0,
     ):
         """
         Args:
@@ -81,6 +90,8 @@ class PersonSearchEvaluator(DatasetEvaluator):
             det_thresh: detection-score threshold of the protocol.
             query_indices: evaluate only these queries (partial evaluation); None = all.
             distributed: gather the outputs of all ranks and score on the main process.
+            cascade_topk: K > 0: cascade evaluation with K re-scored gallery images per query
+                (see the module docstring); 0: one run, exhaustive.
         """
         self._dataset_name = dataset_name
         self._protocol = protocol
@@ -90,7 +101,24 @@ class PersonSearchEvaluator(DatasetEvaluator):
         self._partial = len(self._query_indices) < len(protocol)
         self._distributed = distributed
         self._positives_by_image = None
+        if cascade_topk < 0:
+            raise ValueError(f"cascade_topk must be >= 0, got {cascade_topk}")
+        self._cascade_topk = int(cascade_topk)
+        self.reset_cascade()
         self.reset()
+
+    def reset_cascade(self) -> None:
+        """Forget the cascade's first stage: the next run is a first stage again."""
+        # main process: query index -> image -> first-stage rows, gallery detections, proposal
+        # recall hits, first-stage scores; every rank: the shortlist (query index -> images)
+        self._first_stage: Optional[Dict] = None
+
+    @property
+    def shortlist(self) -> Dict[int, List[str]]:
+        """Cascade: query index -> the gallery images to re-score (after the first run)."""
+        if self._first_stage is None:
+            raise RuntimeError("the cascade's first stage has not been evaluated yet")
+        return self._first_stage["shortlist"]
 
     def reset(self):
         # image_id -> (boxes (N,4), scores (N,), embeds (N,D)); query index -> (D,);
@@ -238,7 +266,58 @@ class PersonSearchEvaluator(DatasetEvaluator):
         detections = {n: d for n, d in gallery_detections.items() if n in ground_truth}
         return evaluate_detections(ground_truth, detections, self._det_thresh)
 
+    def _evaluate_first_stage(self):
+        """Cascade stage 1: first-stage rows and scores (main), the shortlist (every rank)."""
+        main = self._gather()
+        shortlist = None
+        if main:
+            if self._pairs:
+                raise ValueError(f"{self._dataset_name}: the cascade's first stage needs "
+                                 "query-agnostic outputs (gallery images, query boxes), got pairs")
+            rows = {q.index: q.gallery for q in self._agnostic_queries()}
+            galleries = {i: self._protocol.gallery(i).images for i in self._query_indices}
+            shortlist = cascade.shortlist(galleries, rows, self._cascade_topk, self._det_thresh)
+            scores = score_search(self._protocol, rows, self._det_thresh,
+                                  query_indices=self._query_indices)
+            self._first_stage = {
+                "rows": rows,
+                "gallery_detections": {n: np.c_[b, s] for n, (b, s, _) in self._gallery.items()},
+                "recall_hits": dict(self._recall_hits["proposal_boxes"]),
+                "mAP": 100 * scores.mean_ap,
+                "top1": 100 * scores.top_k(1),
+            }
+            logger.info(
+                "Cascade stage 1 on %s (query-agnostic, %d gallery images, %d query boxes): "
+                "mAP %.2f  top-1 %.2f; re-scoring the top %d images per query: %d pairs",
+                self._protocol.name, len(self._gallery), len(self._query_embeds),
+                self._first_stage["mAP"], self._first_stage["top1"], self._cascade_topk,
+                sum(len(v) for v in shortlist.values()),
+            )
+        if self._distributed and comm.get_world_size() > 1:
+            shortlist = comm.all_gather(shortlist)[0]  # the main process's
+        self._first_stage = {**(self._first_stage or {}), "shortlist": shortlist}
+        return {}
+
+    def _cascade_queries(self) -> List[QueryResult]:
+        """Per-query rows: pair rows of the shortlisted images, shifted first-stage rows else."""
+        first, results, missing = self._first_stage, [], []
+        for i in self._query_indices:
+            shortlisted = first["shortlist"].get(i, [])
+            missing += [(i, n) for n in shortlisted if (i, n) not in self._pairs]
+            second = {n: self._pairs[(i, n)] for n in shortlisted if (i, n) in self._pairs}
+            gallery = cascade.merge_cascade_rows(
+                self._protocol.gallery(i).images, first["rows"].get(i, {}), second, shortlisted
+            )
+            results.append(QueryResult(i, self._protocol.queries[i].image, gallery))
+        self._warn_missing(
+            "shortlisted query-gallery pairs have no model output; counted as no detection",
+            missing, sum(len(v) for v in first["shortlist"].values()),
+        )
+        return results
+
     def evaluate(self):
+        if self._cascade_topk and self._first_stage is None:
+            return self._evaluate_first_stage()
         if not self._gather():
             return {}
         if self._pairs and self._query_embeds:
@@ -246,17 +325,33 @@ class PersonSearchEvaluator(DatasetEvaluator):
                 f"{self._dataset_name}: outputs mix query-agnostic queries and query-gallery "
                 "pairs; evaluate one kind of model at a time"
             )
-        mode = "pairs" if self._pairs else "agnostic"
-        queries = self._pair_queries() if mode == "pairs" else self._agnostic_queries()
-        gallery_detections = (
-            {n: np.c_[b, s] for n, (b, s, _) in self._gallery.items()} if self._gallery else None
+        if self._cascade_topk:
+            mode = cascade.CASCADE_MODE
+            queries = self._cascade_queries()
+            gallery_detections = self._first_stage["gallery_detections"]
+            # proposal recall: the pair pass's where a pair ran, the first stage's elsewhere
+            self._recall_hits = {
+                "proposal_boxes": {**self._first_stage["recall_hits"],
+                                   **self._recall_hits["proposal_boxes"]},
+                "plain_proposal_boxes": {},
+            }
+        else:
+            mode = "pairs" if self._pairs else "agnostic"
+            queries = self._pair_queries() if mode == "pairs" else self._agnostic_queries()
+            gallery_detections = (
+                {n: np.c_[b, s] for n, (b, s, _) in self._gallery.items()}
+                if self._gallery else None
+            )
+        cascade_fields = (
+            {"cascade_topk": self._cascade_topk, "num_pairs": len(self._pairs)}
+            if mode == cascade.CASCADE_MODE else {}
         )
         if self._output_dir:
             path = os.path.join(self._output_dir, f"{self._dataset_name}_results.json.gz")
             write_results(
                 path, self._protocol.dataset, queries, gallery_detections=gallery_detections,
                 protocol=self._protocol.name, mode=mode, partial=self._partial,
-                min_det_score=self._det_thresh,
+                min_det_score=self._det_thresh, **cascade_fields,
             )
             logger.info("Wrote person-search results to %s", path)
 
@@ -270,6 +365,10 @@ class PersonSearchEvaluator(DatasetEvaluator):
             + [(f"top{k}", 100 * summary[f"top{k}"]) for k in TOP_K]
             + [("num_queries", len(scores)), ("partial", self._partial)]
         )
+        if cascade_fields:
+            search.update(cascade_fields)
+            search["first_stage_mAP"] = self._first_stage["mAP"]
+            search["first_stage_top1"] = self._first_stage["top1"]
         num_positives = sum(len(v) for v in self._positives().values())
         for key, name in _RECALLS.items():
             if self._recall_hits[key] and num_positives:
@@ -278,9 +377,13 @@ class PersonSearchEvaluator(DatasetEvaluator):
             f"partial: {len(scores)} of {len(self._protocol)} queries"
             if self._partial else f"{len(scores)} queries"
         )
+        mode_label = (
+            f"cascade top-{self._cascade_topk}: {len(self._pairs)} pairs re-scored"
+            if cascade_fields else mode
+        )
         logger.info(
             "Person search on %s (%s, %s, det_thresh %g): mAP %.2f  top-1 %.2f  top-5 %.2f  "
-            "top-10 %.2f", self._protocol.name, mode, label, self._det_thresh, search["mAP"],
+            "top-10 %.2f", self._protocol.name, mode_label, label, self._det_thresh, search["mAP"],
             search["top1"], search["top5"], search["top10"],
         )
         recalls = [f"{name.replace('_', ' ')} {search[name]:.2f}" for name in _RECALLS.values()
@@ -297,11 +400,43 @@ class PersonSearchEvaluator(DatasetEvaluator):
             )
             logger.info(
                 "Detection on %s (%s): AP %.2f  recall %.2f  labeled recall %.2f",
-                self._dataset_name, label, results["detection"]["AP"],
+                self._dataset_name, label + (", first stage" if cascade_fields else ""),
+                results["detection"]["AP"],
                 results["detection"]["recall"], results["detection"]["labeled_recall"],
             )
         if self._output_dir:
             path = os.path.join(self._output_dir, f"{self._dataset_name}_metrics.json")
             with open(path, "w") as f:
-                json.dump({"protocol": self._protocol.name, "mode": mode, **results}, f, indent=1)
+                json.dump({"protocol": self._protocol.name, "mode": mode, **cascade_fields,
+                           **results}, f, indent=1)
         return results
+
+
+def cascade_inference_on_dataset(
+    model,
+    first_stage_loader: Iterable,
+    pair_loader_for: Callable[[Dict[int, List[str]]], Iterable],
+    evaluator: PersonSearchEvaluator,
+):
+    """Run a cascade evaluation (both stages) through Detectron2's ``inference_on_dataset``.
+
+    Args:
+        model: a query-guided QEEPS model (it runs gallery images and query boxes without query
+            guidance, pairs with it).
+        first_stage_loader: the query-agnostic records (``build_search_records(..., "agnostic")``
+            through the mapper) of the evaluated queries.
+        pair_loader_for: shortlist (query index -> images) -> loader of those pairs
+            (``build_search_records(..., "pairs", shortlist=...)``); called on every rank with
+            the same shortlist.
+        evaluator: a :class:`PersonSearchEvaluator` with ``cascade_topk`` > 0.
+
+    Returns:
+        the evaluator's cascade metrics on the main process, ``{}`` on the others.
+    """
+    from detectron2.evaluation import inference_on_dataset
+
+    if not evaluator._cascade_topk:
+        raise ValueError("cascade_inference_on_dataset needs an evaluator with cascade_topk > 0")
+    evaluator.reset_cascade()
+    inference_on_dataset(model, first_stage_loader, evaluator)
+    return inference_on_dataset(model, pair_loader_for(evaluator.shortlist), evaluator)

@@ -9,7 +9,8 @@ Two modes, matching the two kinds of models:
 * ``"pairs"`` (query-guided models): one record per (query, distinct image of its gallery),
   ``{"file_name", "image_id", "query_file_name", "query_image_id", "query_box", "query_index"}``,
   ordered query by query (and gallery order within a query), so that consecutive records share
-  one query.
+  one query. A ``shortlist`` (query index -> images, the cascade's second stage) restricts each
+  query's pairs to those images (still in gallery order).
 
 ``file_name`` is ``os.path.join(protocol.image_root, name)``; ``image_id`` is the image's base
 name as used in the protocol and the results file; ``query_box`` is [x1, y1, x2, y2] in original
@@ -18,7 +19,7 @@ image pixels. Height and width are left to the mapper, which reads the image.
 from __future__ import annotations
 
 import os
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence
 
 from ..data.search_protocol import SearchProtocol
 
@@ -54,7 +55,10 @@ def _query_record(protocol: SearchProtocol, index: int) -> Dict:
 
 
 def build_search_records(
-    protocol: SearchProtocol, mode: str, query_indices: Optional[Sequence[int]] = None
+    protocol: SearchProtocol,
+    mode: str,
+    query_indices: Optional[Sequence[int]] = None,
+    shortlist: Optional[Mapping[int, Sequence[str]]] = None,
 ) -> List[Dict]:
     """Records for evaluating ``protocol`` on the given queries (all by default).
 
@@ -62,6 +66,8 @@ def build_search_records(
         protocol: the search protocol.
         mode: ``"agnostic"`` or ``"pairs"`` (see the module docstring).
         query_indices: the queries to evaluate (partial evaluation), default all.
+        shortlist: pairs mode only: query index -> the gallery images to pair it with (a query
+            missing from it gets no pair); None = every image of its gallery.
 
     Returns:
         agnostic: the gallery-image records (sorted by name), then the query records (by index);
@@ -69,6 +75,8 @@ def build_search_records(
     """
     if mode not in SEARCH_MODES:
         raise ValueError(f"unknown search mode {mode!r}; expected one of {SEARCH_MODES}")
+    if shortlist is not None and mode != "pairs":
+        raise ValueError("a shortlist restricts pair records; it needs mode 'pairs'")
     indices = check_query_indices(protocol, query_indices)
     root = protocol.image_root
     if mode == "agnostic":
@@ -86,7 +94,10 @@ def build_search_records(
             "query_box": query["query_box"],
             "query_index": i,
         }
+        wanted = None if shortlist is None else set(shortlist.get(i, ()))
         for name in dict.fromkeys(protocol.gallery(i).images):  # distinct, in gallery order
+            if wanted is not None and name not in wanted:
+                continue
             records.append(
                 {"file_name": os.path.join(root, name), "image_id": name, **pair_base,
                  "query_box": list(query["query_box"])}

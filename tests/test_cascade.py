@@ -1,0 +1,174 @@
+"""Cascade evaluation and search: shortlist, merge, costs, the evaluator's two stages, the Trainer's
+``--eval-only`` path and ``PersonSearcher`` (CPU, tiny)."""
+import gzip
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+from detectron2.data import DatasetCatalog
+from detectron2.evaluation import inference_on_dataset
+
+from qeeps_d2.evaluation.cascade import (
+    FIRST_STAGE_OFFSET,
+    best_similarity,
+    cascade_cost,
+    exhaustive_cost,
+    merge_cascade_rows,
+    protocol_costs,
+    shortlist,
+    shortlist_images,
+)
+from qeeps_d2.evaluation.evaluator import PersonSearchEvaluator, cascade_inference_on_dataset
+from qeeps_d2.evaluation.results_file import read_results
+from qeeps_d2.evaluation.search_inputs import build_search_records
+from test_evaluator import B_TARGET, BIG, C_TARGET, DATASET, FakeModel, _dicts, _protocol
+
+
+def _rows(*sims, score=0.9):
+    """One (N, 6) row per similarity, all with the same box and score."""
+    return np.array([[0, 0, 10, 20, score, s] for s in sims], dtype=np.float64).reshape(-1, 6)
+
+
+# ------------------------------------------------------------------ numpy logic
+def test_best_similarity_ignores_low_scores():
+    rows = np.r_[_rows(0.2, 0.5), _rows(0.9, score=0.4)]
+    assert best_similarity(rows, 0.5) == 0.5
+    assert best_similarity(rows, 0.3) == 0.9
+    assert best_similarity(np.zeros((0, 6)), 0.5) == -np.inf
+    assert best_similarity(None, 0.5) == -np.inf
+
+
+def test_shortlist_orders_by_best_similarity_ties_in_gallery_order():
+    rows = {"a": _rows(0.1, 0.7), "b": _rows(0.7), "c": _rows(0.95, score=0.2), "d": _rows(0.3)}
+    images = ["e", "a", "b", "a", "c", "d"]  # e: no rows; a twice; c: only a low-score box
+    assert shortlist_images(images, rows, 2, 0.5) == ["a", "b"]  # tie 0.7: gallery order
+    assert shortlist_images(images, rows, 3, 0.5) == ["a", "b", "d"]
+    # images without a kept detection come last, in gallery order; K >= size = every image
+    assert shortlist_images(images, rows, 10, 0.5) == ["a", "b", "d", "e", "c"]
+    assert shortlist({0: images, 1: ["d", "b"]}, {0: rows}, 1, 0.5) == {0: ["a"], 1: ["d"]}
+    with pytest.raises(ValueError, match=">= 1"):
+        shortlist_images(images, rows, 0, 0.5)
+
+
+def test_merge_ranks_rescored_rows_above_first_stage_rows():
+    first = {"a": _rows(0.99, -1.0), "b": _rows(1.0), "c": _rows(0.5)}
+    second = {"a": _rows(0.0)}  # b is shortlisted but had no detection in pair mode
+    merged = merge_cascade_rows(["a", "b", "c", "d"], first, second, ["a", "b"])
+    assert sorted(merged) == ["a", "c"]
+    np.testing.assert_array_equal(merged["a"], _rows(0.0))
+    np.testing.assert_array_equal(merged["c"], _rows(0.5 - FIRST_STAGE_OFFSET))
+    np.testing.assert_array_equal(first["c"], _rows(0.5))  # inputs untouched
+    # the lowest possible pair similarity (cosine -1) beats the best first-stage one (cosine 1)
+    assert -1.0 > 1.0 - FIRST_STAGE_OFFSET
+
+
+def test_costs_exhaustive_vs_cascade():
+    # CUHK-SYSU G100: 2,900 queries, 6,978 gallery images
+    assert exhaustive_cost([100] * 2900).pairs == 290_000
+    c = cascade_cost([100] * 2900, 10, 6978)
+    assert (c.pairs, c.gallery_images, c.query_boxes) == (29_000, 6978, 2900)
+    assert c.seconds(per_pair=0.3, per_image=0.1, per_query=0.01) == pytest.approx(
+        29_000 * 0.3 + 697.8 + 29.0)
+    assert cascade_cost([3, 20], 5, 21).pairs == 3 + 5
+    exhaustive, cascaded = protocol_costs(_protocol(), 1)
+    assert exhaustive.pairs == 4 and (cascaded.pairs, cascaded.gallery_images) == (2, 3)
+
+
+def test_pair_records_restricted_to_a_shortlist():
+    records = build_search_records(_protocol(), "pairs", shortlist={0: ["b.jpg"], 1: ["c.jpg", "b.jpg"]})
+    assert [(r["query_index"], r["image_id"]) for r in records] == [
+        (0, "b.jpg"), (1, "c.jpg"), (1, "b.jpg")]
+    assert build_search_records(_protocol(), "pairs", shortlist={1: ["b.jpg"]})[0]["query_index"] == 1
+    with pytest.raises(ValueError, match="needs mode 'pairs'"):
+        build_search_records(_protocol(), "agnostic", shortlist={})
+
+
+# ------------------------------------------------------------------ evaluator, fake model
+@pytest.fixture
+def toy_dataset():
+    DatasetCatalog.register(DATASET, _dicts)
+    yield
+    DatasetCatalog.remove(DATASET)
+
+
+def _run_cascade(k, tmp_path, model=None):
+    protocol = _protocol()
+    model = model or FakeModel()
+    evaluator = PersonSearchEvaluator(DATASET, protocol, output_dir=str(tmp_path), cascade_topk=k)
+
+    def batches(records):
+        return [records[i : i + 2] for i in range(0, len(records), 2)]
+
+    results = cascade_inference_on_dataset(
+        model, batches(build_search_records(protocol, "agnostic")),
+        lambda sl: batches(build_search_records(protocol, "pairs", shortlist=sl)), evaluator,
+    )
+    return results, evaluator, model
+
+
+def test_cascade_hand_computed(toy_dataset, tmp_path, caplog):
+    """Stage 1 (test_evaluator's agnostic outputs): q0 best a 1.0 > b 0.8, q1 best b 1.0 > c 0.8,
+    so K=1 re-scores (q0, a) and (q1, b) only."""
+    with caplog.at_level(logging.INFO, logger="qeeps_d2.evaluation.evaluator"):
+        results, evaluator, model = _run_cascade(1, tmp_path)
+    assert evaluator.shortlist == {0: ["a.jpg"], 1: ["b.jpg"]}
+    assert [(x["query_index"], x["image_id"]) for x in model.seen if "query_file_name" in x] == [
+        (0, "a.jpg"), (1, "b.jpg")]
+    ps = results["person_search"]
+    # q0: a (pairs) 0.95 neg, 0.9 TP; b (first stage) -2.2, -2.4 -> AP 1/2, top-1 miss.
+    # q1: b (pairs) 0.7 neg (its 0.4-score target is dropped); c (first stage) 0.8 - 3 TP ->
+    # AP 1/2 * recall 1/2.
+    assert ps["mAP"] == pytest.approx(100 * (0.5 + 0.25) / 2)
+    assert (ps["top1"], ps["top5"]) == (0.0, 100.0)
+    assert (ps["cascade_topk"], ps["num_pairs"]) == (1, 2)
+    assert ps["first_stage_mAP"] == pytest.approx(100 * (1 + 5 / 6) / 2)  # test_evaluator's
+    assert results["detection"]["recall"] == pytest.approx(100 * 5 / 6)  # first-stage detector
+    assert "cascade top-1: 2 pairs re-scored" in caplog.text
+    assert "Cascade stage 1" in caplog.text and "2 pairs" in caplog.text
+
+    written = read_results(str(tmp_path / f"{DATASET}_results.json.gz"))
+    assert written.extra["mode"] == "cascade" and written.extra["cascade_topk"] == 1
+    assert written.extra["num_pairs"] == 2
+    q0 = written.queries[0]
+    np.testing.assert_allclose(q0.gallery["b.jpg"], [B_TARGET + [0.95, 0.6 - 3], BIG + [0.7, 0.8 - 3]],
+                               rtol=1e-6)
+    np.testing.assert_allclose(q0.gallery["a.jpg"][:, 5], [0.9, 0.95], rtol=1e-6)
+    np.testing.assert_allclose(written.queries[1].gallery["c.jpg"], [C_TARGET + [0.6, 0.8 - 3]],
+                               rtol=1e-6)
+    with open(tmp_path / f"{DATASET}_metrics.json") as f:
+        saved = json.load(f)
+    assert (saved["mode"], saved["cascade_topk"], saved["num_pairs"]) == ("cascade", 1, 2)
+
+
+def test_cascade_with_k_at_least_the_gallery_equals_the_pair_evaluation(toy_dataset, tmp_path):
+    results, _, _ = _run_cascade(2, tmp_path / "cascade")
+    protocol = _protocol()
+    pairs = inference_on_dataset(
+        FakeModel(), [build_search_records(protocol, "pairs")],
+        PersonSearchEvaluator(DATASET, protocol, output_dir=str(tmp_path / "pairs")),
+    )
+    for key in ("mAP", "top1", "top5", "top10"):
+        assert results["person_search"][key] == pairs["person_search"][key]
+    with gzip.open(tmp_path / "cascade" / f"{DATASET}_results.json.gz", "rt") as f:
+        cascaded = json.load(f)["queries"]
+    with gzip.open(tmp_path / "pairs" / f"{DATASET}_results.json.gz", "rt") as f:
+        exhaustive = json.load(f)["queries"]
+    assert cascaded == exhaustive
+
+
+def test_cascade_evaluator_is_reusable_and_checks_its_inputs(toy_dataset, tmp_path):
+    results, evaluator, _ = _run_cascade(1, tmp_path)
+    protocol = _protocol()
+    again = cascade_inference_on_dataset(
+        FakeModel(), [build_search_records(protocol, "agnostic")],
+        lambda sl: [build_search_records(protocol, "pairs", shortlist=sl)], evaluator,
+    )
+    assert again["person_search"] == results["person_search"]
+    with pytest.raises(ValueError, match="needs query-agnostic outputs"):
+        cascade_inference_on_dataset(
+            FakeModel(), [build_search_records(protocol, "pairs")], None, evaluator)
+    with pytest.raises(ValueError, match="cascade_topk > 0"):
+        cascade_inference_on_dataset(FakeModel(), [], None,
+                                     PersonSearchEvaluator(DATASET, protocol))
