@@ -30,6 +30,10 @@
    model's checkpoint loaded into a QEEPS model: the QSSE/QRPN/QSimNet weights are missing and
    keep their initialisation) are loaded and the differences logged, as in Detectron2.
 
+4. **Saving is atomic**: a checkpoint (and the ``last_checkpoint`` tag) is written to a temporary
+   file in the same folder, flushed to disk and renamed over the final name, so a crash or a
+   SIGKILL while saving leaves the previous checkpoint, and the tag pointing to it, intact.
+
 Model-zoo files (``detectron2://ImageNetPretrained/MSRA/R-50.pkl``, Caffe2 names such as
 ``res2_0_branch2a_w``) load exactly as with the stock checkpointer (Caffe2 renames + suffix
 matching). **Security**: ``.pkl`` files are Python pickles, and unpickling runs code chosen by
@@ -38,9 +42,11 @@ whoever wrote the file: load ``.pkl`` weights only from a trusted source.
 from __future__ import annotations
 
 import logging
+import os
 import re
+import tempfile
 import weakref
-from typing import Any, Dict, List, Mapping
+from typing import Any, Callable, Dict, List, Mapping
 
 import torch
 from fvcore.common.checkpoint import PeriodicCheckpointer
@@ -57,6 +63,7 @@ __all__ = [
     "install_qeeps_checkpointer",
     "is_torchvision_resnet",
     "torchvision_preprocessing_mismatches",
+    "write_atomically",
 ]
 
 logger = logging.getLogger(__name__)
@@ -145,6 +152,24 @@ def torchvision_preprocessing_mismatches(model: torch.nn.Module) -> List[str]:
     return problems
 
 
+def write_atomically(path: str, write: Callable[[Any], None], mode: str = "wb") -> None:
+    """Call ``write(f)`` on a temporary file beside ``path``, flush it to disk, then rename it to
+    ``path`` (an existing file is replaced only once the new one is complete); on any error the
+    temporary file is removed and ``path`` is left as it was."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
 def _listed(keys: List[str]) -> str:
     """The first ``_MAX_LISTED_KEYS`` of ``keys``, comma-separated, with a count of the rest."""
     shown = ", ".join(keys[:_MAX_LISTED_KEYS])
@@ -157,8 +182,28 @@ class QEEPSCheckpointer(DetectionCheckpointer):
     ``weights_only=True`` and refuses checkpoints that do not fit the model (module docstring).
 
     Same constructor as ``DetectionCheckpointer(model, save_dir="", *, save_to_disk=None,
-    **checkpointables)``; saving is unchanged.
+    **checkpointables)``; saving writes the same content, atomically.
     """
+
+    def save(self, name: str, **kwargs: Any) -> None:
+        """Save ``{"model", <checkpointables>, **kwargs}`` to ``save_dir/name.pth`` atomically,
+        then tag it as the last checkpoint (also atomically)."""
+        if not self.save_dir or not self.save_to_disk:
+            return
+        data = {"model": self.model.state_dict()}
+        for key, obj in self.checkpointables.items():
+            data[key] = obj.state_dict()
+        data.update(kwargs)
+        basename = f"{name}.pth"
+        save_file = os.path.join(self.save_dir, basename)
+        self.logger.info(f"Saving checkpoint to {save_file}")
+        write_atomically(save_file, lambda f: torch.save(data, f))
+        self.tag_last_checkpoint(basename)
+
+    def tag_last_checkpoint(self, last_filename_basename: str) -> None:
+        """Point ``save_dir/last_checkpoint`` at ``last_filename_basename`` (atomic rename)."""
+        write_atomically(os.path.join(self.save_dir, "last_checkpoint"),
+                         lambda f: f.write(last_filename_basename), mode="w")
 
     def _load_file(self, filename: str) -> Dict[str, Any]:
         """Read ``filename`` into ``{"model": state dict, ...}``; torchvision ResNet names are

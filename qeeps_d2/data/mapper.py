@@ -9,10 +9,16 @@ Record kinds (flat Detectron2-style dicts):
   ``query_image`` and ``query_box`` (query-image pixels) and, in training,
   ``instances.gt_is_query``. Both images get the same resize policy and the same flip.
 Every other record key (``query_index``, ``image_id`` ...) is passed through.
+
+In training (``is_train``) a record whose image (or query image) cannot be read -- missing,
+truncated, not an image -- is skipped: the mapper logs a warning naming the file with the count
+of images skipped so far (:attr:`PersonSearchMapper.num_skipped`) and returns ``None``, and the
+training loader takes another record. At test time the error is raised.
 """
 from __future__ import annotations
 
 import copy
+import logging
 
 import numpy as np
 import torch
@@ -21,7 +27,13 @@ from detectron2.data import DatasetMapper
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 
-__all__ = ["PersonSearchMapper"]
+__all__ = ["PersonSearchMapper", "UNREADABLE_IMAGE_ERRORS"]
+
+logger = logging.getLogger(__name__)
+
+# What reading a bad image file raises (PIL: OSError incl. UnidentifiedImageError and truncated
+# data, SyntaxError for some broken headers; ValueError / FileNotFoundError from our readers).
+UNREADABLE_IMAGE_ERRORS = (OSError, SyntaxError, ValueError)
 
 
 def _to_tensor(image: np.ndarray) -> torch.Tensor:
@@ -37,18 +49,50 @@ def _check_box(box, width: int, height: int, where: str) -> np.ndarray:
     return box
 
 
+class _ImageReadError(ValueError):
+    """An image file of a record could not be read (the message names the file)."""
+
+
 class PersonSearchMapper(DatasetMapper):
     """Detectron2's ``DatasetMapper`` extended to person ids, query boxes and image pairs.
 
     Build it like the stock mapper: ``PersonSearchMapper(cfg, is_train)``.
+
+    Attributes:
+        num_skipped: training records skipped so far because an image could not be read
+            (counted per process: each data-loading worker has its own).
     """
+
+    num_skipped = 0
 
     def _read(self, file_name: str) -> np.ndarray:
         return utils.read_image(file_name, format=self.image_format)
 
     def __call__(self, record):
+        """The model input of ``record``; ``None`` in training if one of its images cannot be
+        read (see the module docstring)."""
+        if not self.is_train:
+            return self._map(record)
+        try:
+            return self._map(record)
+        except _ImageReadError as e:
+            self.num_skipped += 1
+            logger.warning("skipping unreadable training image (%d skipped so far): %s",
+                           self.num_skipped, e)
+            return None
+
+    def _read_checked(self, file_name: str) -> np.ndarray:
+        """``_read``; in training a failure becomes an ``_ImageReadError`` naming the file."""
+        try:
+            return self._read(file_name)
+        except UNREADABLE_IMAGE_ERRORS as e:
+            if not self.is_train:
+                raise
+            raise _ImageReadError(f"{file_name}: {type(e).__name__}: {e}") from e
+
+    def _map(self, record):
         record = copy.deepcopy(record)
-        image = self._read(record["file_name"])
+        image = self._read_checked(record["file_name"])
         utils.check_image_size(record, image)
         height, width = image.shape[:2]
         record.setdefault("height", height)
@@ -71,7 +115,7 @@ class PersonSearchMapper(DatasetMapper):
         return record
 
     def _map_query_image(self, record, flipped: bool) -> None:
-        image = self._read(record["query_file_name"])
+        image = self._read_checked(record["query_file_name"])
         height, width = image.shape[:2]
         box = _check_box(record["query_box"], width, height, record["query_file_name"])
         resize = [a for a in self.augmentations.augs if not isinstance(a, T.RandomFlip)]
