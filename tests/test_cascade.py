@@ -172,3 +172,77 @@ def test_cascade_evaluator_is_reusable_and_checks_its_inputs(toy_dataset, tmp_pa
     with pytest.raises(ValueError, match="cascade_topk > 0"):
         cascade_inference_on_dataset(FakeModel(), [], None,
                                      PersonSearchEvaluator(DATASET, protocol))
+
+
+# ------------------------------------------------------------------ real model
+def test_guided_model_runs_gallery_images_and_query_boxes_without_query_guidance():
+    """With QSSE, QRPN and QSimNet on, a gallery-image input gives exactly the outputs of the
+    same weights in the OIM model (no query guidance), and a query-box input its embedding."""
+    import model_fixtures
+    from detectron2.modeling import build_model
+
+    cfgs = [model_fixtures.tiny_cfg(qsse=True, qrpn=True, qsimnet=True), model_fixtures.tiny_cfg()]
+    for cfg in cfgs:
+        cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.0
+    torch.manual_seed(0)
+    guided = build_model(cfgs[0])
+    model_fixtures.settle_batchnorm(guided, model_fixtures.scene_inputs())  # gallery-mode stats
+    plain = build_model(cfgs[1]).eval()
+    missing, _ = plain.load_state_dict(guided.state_dict(), strict=False)
+    assert missing == [] and guided.query_guided and not plain.query_guided
+    pairs = model_fixtures.pair_inputs(seed=1, with_gt=False)
+    gallery = model_fixtures.scene_inputs(seed=1, with_gt=False)
+    queries = [{"image": x["query_image"], "query_box": x["query_box"]} for x in pairs]
+    with torch.no_grad():
+        got, want = guided(gallery + queries), plain(gallery + queries)
+        paired = guided(pairs)
+    for g, w in zip(got[:2], want[:2]):
+        assert len(g["instances"]) > 0
+        for field in ("pred_boxes", "scores", "pred_embeds"):
+            a, b = g["instances"].get(field), w["instances"].get(field)
+            a, b = (a.tensor, b.tensor) if field == "pred_boxes" else (a, b)
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        assert not g["instances"].has("pred_sims")
+    for g, w in zip(got[2:], want[2:]):
+        torch.testing.assert_close(g["query_embed"], w["query_embed"], rtol=0, atol=0)
+        assert g["query_embed"].shape == (16,)
+    assert all(p["instances"].has("pred_sims") for p in paired)  # pairs do use the query
+
+
+def test_trainer_test_cascade_on_the_cuhk_fixture(tmp_path, monkeypatch, caplog):
+    """Trainer.test (the --eval-only path) on a real tiny QEEPS model: K >= the gallery gives the
+    exhaustive results file row for row; K=1 runs one pair per query, labelled cascade, its
+    re-scored image holds the pair rows and the others the first stage's, shifted."""
+    import dataset_fixtures
+    from dist_eval_worker import eval_cfg, guided_model, read_results
+
+    from qeeps_d2.engine import Trainer
+
+    dataset_fixtures.make_cuhk_sysu_fixture(str(tmp_path / "CUHK-SYSU"))
+    monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path))
+    model = guided_model()
+
+    def run(k):
+        metrics = Trainer.test(eval_cfg(True, k, str(tmp_path / f"k{k}")), model)
+        return metrics, read_results(str(tmp_path / f"k{k}"))
+
+    exhaustive, exhaustive_doc = run(0)
+    full, full_doc = run(100)
+    with caplog.at_level(logging.INFO, logger="qeeps_d2.evaluation.evaluator"):
+        one, one_doc = run(1)
+    assert exhaustive_doc["mode"] == "pairs" and full_doc["mode"] == "cascade"
+    assert full_doc["queries"] == exhaustive_doc["queries"]
+    assert sum(len(r) for q in full_doc["queries"] for r in q["gallery"].values()) > 20
+    assert full["person_search"]["mAP"] == exhaustive["person_search"]["mAP"]
+    assert (one_doc["mode"], one_doc["cascade_topk"], one_doc["num_pairs"]) == ("cascade", 1, 2)
+    assert one["person_search"]["cascade_topk"] == 1
+    assert "cascade top-1: 2 pairs re-scored" in caplog.text
+    first = one_doc["gallery_detections"]
+    for q, q_full in zip(one_doc["queries"], full_doc["queries"]):
+        rescored = [n for n, rows in q["gallery"].items() if rows[0][5] >= -1]
+        assert len(rescored) == 1 and len(q["gallery"]) == 5
+        assert q["gallery"][rescored[0]] == q_full["gallery"][rescored[0]]
+        for n, rows in q["gallery"].items():
+            if n != rescored[0]:  # first-stage boxes and scores, similarity in [-4, -2]
+                assert [r[:5] for r in rows] == first[n]
+                assert all(-4 <= r[5] <= -2 for r in rows)
