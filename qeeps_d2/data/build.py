@@ -9,6 +9,7 @@ from detectron2.data import (
     build_detection_train_loader,
     get_detection_dataset_dicts,
 )
+from detectron2.data.samplers import InferenceSampler
 
 from .mapper import PersonSearchMapper
 from .pairs import build_pair_records
@@ -18,6 +19,7 @@ __all__ = [
     "cascade_topk",
     "build_person_search_train_loader",
     "build_person_search_test_loader",
+    "BatchAlignedInferenceSampler",
     "load_test_protocol",
     "evaluated_queries",
 ]
@@ -70,6 +72,24 @@ def evaluated_queries(cfg, protocol) -> Optional[List[int]]:
     return list(range(min(k, len(protocol)))) if k > 0 else None
 
 
+class BatchAlignedInferenceSampler(InferenceSampler):
+    """Detectron2's ``InferenceSampler`` (contiguous shards, every record exactly once) with
+    shard boundaries on multiples of ``batch_size``: each rank forms exactly the batches a single
+    process would, so a distributed evaluation gives the single-process outputs bit for bit
+    (the images of a batch are padded to a common size, and batch composition changes the
+    floating-point results slightly)."""
+
+    def __init__(self, size: int, batch_size: int):
+        self._batch_size = int(batch_size)
+        super().__init__(size)
+
+    def _get_local_indices(self, total_size: int, world_size: int, rank: int) -> range:
+        num_batches = -(-total_size // self._batch_size)
+        batches = InferenceSampler._get_local_indices(num_batches, world_size, rank)
+        return range(min(batches.start * self._batch_size, total_size),
+                     min(batches.stop * self._batch_size, total_size))
+
+
 def build_person_search_test_loader(
     cfg, dataset_name: str, protocol=None, mode: Optional[str] = None, shortlist=None
 ):
@@ -88,9 +108,11 @@ def build_person_search_test_loader(
     records = build_search_records(protocol, mode, evaluated_queries(cfg, protocol), shortlist)
     logger.info("%s: %d %s records%s", dataset_name, len(records), mode,
                 "" if shortlist is None else " (cascade shortlist)")
+    batch_size = cfg.TEST.PERSON_SEARCH.BATCH_SIZE
     return build_detection_test_loader(
         dataset=records,
         mapper=PersonSearchMapper(cfg, is_train=False),
-        batch_size=cfg.TEST.PERSON_SEARCH.BATCH_SIZE,
+        sampler=BatchAlignedInferenceSampler(len(records), batch_size),
+        batch_size=batch_size,
         num_workers=cfg.DATALOADER.NUM_WORKERS,
     )
