@@ -1,5 +1,6 @@
 """Cascade evaluation and search: shortlist, merge, costs, the evaluator's two stages, the Trainer's
 ``--eval-only`` path and ``PersonSearcher`` (CPU, tiny)."""
+import dataclasses
 import gzip
 import json
 import logging
@@ -77,10 +78,12 @@ def test_costs_exhaustive_vs_cascade():
 
 
 def test_pair_records_restricted_to_a_shortlist():
-    records = build_search_records(_protocol(), "pairs", shortlist={0: ["b.jpg"], 1: ["c.jpg", "b.jpg"]})
+    records = build_search_records(_protocol(), "pairs",
+                                   shortlist={0: ["b.jpg"], 1: ["c.jpg", "b.jpg"]})
     assert [(r["query_index"], r["image_id"]) for r in records] == [
         (0, "b.jpg"), (1, "c.jpg"), (1, "b.jpg")]
-    assert build_search_records(_protocol(), "pairs", shortlist={1: ["b.jpg"]})[0]["query_index"] == 1
+    only_q1 = build_search_records(_protocol(), "pairs", shortlist={1: ["b.jpg"]})
+    assert [(r["query_index"], r["image_id"]) for r in only_q1] == [(1, "b.jpg")]
     with pytest.raises(ValueError, match="needs mode 'pairs'"):
         build_search_records(_protocol(), "agnostic", shortlist={})
 
@@ -132,8 +135,8 @@ def test_cascade_hand_computed(toy_dataset, tmp_path, caplog):
     assert written.extra["mode"] == "cascade" and written.extra["cascade_topk"] == 1
     assert written.extra["num_pairs"] == 2
     q0 = written.queries[0]
-    np.testing.assert_allclose(q0.gallery["b.jpg"], [B_TARGET + [0.95, 0.6 - 3], BIG + [0.7, 0.8 - 3]],
-                               rtol=1e-6)
+    np.testing.assert_allclose(q0.gallery["b.jpg"],
+                               [B_TARGET + [0.95, 0.6 - 3], BIG + [0.7, 0.8 - 3]], rtol=1e-6)
     np.testing.assert_allclose(q0.gallery["a.jpg"][:, 5], [0.9, 0.95], rtol=1e-6)
     np.testing.assert_allclose(written.queries[1].gallery["c.jpg"], [C_TARGET + [0.6, 0.8 - 3]],
                                rtol=1e-6)
@@ -246,3 +249,109 @@ def test_trainer_test_cascade_on_the_cuhk_fixture(tmp_path, monkeypatch, caplog)
             if n != rescored[0]:  # first-stage boxes and scores, similarity in [-4, -2]
                 assert [r[:5] for r in rows] == first[n]
                 assert all(-4 <= r[5] <= -2 for r in rows)
+
+
+# ------------------------------------------------------------------ qeeps-search
+QUERY_BOX = (10.0, 8.0, 40.0, 60.0)
+
+
+@pytest.fixture(scope="module")
+def searchers():
+    """(query-guided searcher, the same model searched query-agnostically = the first stage)."""
+    from dist_eval_worker import eval_cfg, guided_model
+
+    from qeeps_d2.search import PersonSearcher
+
+    model = guided_model()
+    return (PersonSearcher(eval_cfg(True, 0, ""), model),
+            PersonSearcher(eval_cfg(False, 0, ""), model))
+
+
+def _frames(count=6):
+    import search_fixtures
+
+    from qeeps_d2.search import GalleryFrame
+
+    return [GalleryFrame(f"f{i}", search_fixtures.random_image(100 + i), i) for i in range(count)]
+
+
+def _search(searcher, **kwargs):
+    import search_fixtures
+
+    kwargs.setdefault("batch_size", 1)
+    return searcher.search(search_fixtures.random_image(7), QUERY_BOX, iter(_frames()),
+                           progress=False, **kwargs)
+
+
+def _key(matches):
+    return [(m.frame, m.box, m.det_score, m.similarity) for m in matches]
+
+
+def test_search_cascade_reranks_the_best_first_stage_frames(searchers):
+    guided, first_stage = searchers
+    exhaustive = _search(guided)
+    stage1 = _search(first_stage)
+    assert len({m.frame for m in stage1}) == 6 and len(exhaustive) > 20
+    # K >= the number of frames: the exhaustive pair search
+    assert _key(_search(guided, cascade_topk=6)) == _key(exhaustive)
+    # K = 2: the two frames with the best first-stage match, re-scored; the others shifted
+    best = {}
+    for m in stage1:
+        best.setdefault(m.frame, m.similarity)  # stage1 is similarity-descending
+    top2 = sorted(best, key=lambda f: (-best[f], f))[:2]
+    expected = [m for m in exhaustive if m.frame in top2] + [
+        dataclasses.replace(m, similarity=m.similarity - FIRST_STAGE_OFFSET)
+        for m in stage1 if m.frame not in top2]
+    cascaded = _search(guided, cascade_topk=2)
+    assert _key(cascaded) == _key(expected)
+    rescored = sum(m.frame in top2 for m in exhaustive)
+    assert min(m.similarity for m in cascaded[:rescored]) >= -1 > cascaded[rescored].similarity
+    # streaming with a small topk keeps the same best matches (batches of 4 frames)
+    n = rescored + 3  # every re-scored match and 3 first-stage ones
+    short = _search(guided, cascade_topk=2, topk=n, batch_size=4)
+    assert [m.frame for m in short] == [m.frame for m in expected[:n]]
+    np.testing.assert_allclose([m.similarity for m in short],
+                               [m.similarity for m in expected[:n]], atol=1e-5)
+
+
+def test_search_cascade_input_errors(searchers):
+    guided, first_stage = searchers
+    with pytest.raises(ValueError, match="needs a query-guided model"):
+        _search(first_stage, cascade_topk=2)
+    with pytest.raises(ValueError, match="cascade_topk must be >= 1"):
+        _search(guided, cascade_topk=0)
+
+
+def test_cli_cascade_topk(searchers, tmp_path, capsys):
+    import cv2
+    import search_fixtures
+
+    from qeeps_d2.checkpoint import QEEPSCheckpointer
+    from qeeps_d2.search.cli import main
+
+    guided, _ = searchers
+    QEEPSCheckpointer(guided.model, str(tmp_path)).save("model")
+    config = tmp_path / "config.yaml"
+    config.write_text(guided.cfg.dump())
+    folder = tmp_path / "gallery"
+    folder.mkdir()
+    for frame in _frames():
+        cv2.imwrite(str(folder / f"{frame.name}.png"), frame.image)
+    cv2.imwrite(str(tmp_path / "query.png"), search_fixtures.random_image(7))
+
+    def cli(*extra):
+        return main(["--config", str(config), "--weights", str(tmp_path / "model.pth"),
+                     "--query", str(tmp_path / "query.png"), "--box", "10,8,40,60",
+                     "--gallery", str(folder), "--out", str(tmp_path / "out"), "--device", "cpu",
+                     "--batch-size", "1", *extra])
+
+    assert cli("--cascade-topk", "2", "--topk", "5") == 0
+    stdout = capsys.readouterr().out
+    results = json.load(open(tmp_path / "out" / "results.json"))
+    assert results["model"]["cascade_topk"] == 2 and "cascade" in stdout
+    expected = _search(guided, cascade_topk=2, topk=5)
+    assert [m["frame"] for m in results["matches"]] == [f"{m.frame}.png" for m in expected]
+    np.testing.assert_allclose([m["similarity"] for m in results["matches"]],
+                               [m.similarity for m in expected], atol=1e-5)
+    assert cli("--cascade-topk", "-1") == 2
+    assert "--cascade-topk must be >= 0" in capsys.readouterr().err

@@ -148,7 +148,8 @@ class EvaluationCost:
 
     def seconds(self, per_pair: float, per_image: float = 0.0, per_query: float = 0.0) -> float:
         """Wall time at the given per-forward costs (seconds per pair / image / query box)."""
-        return self.pairs * per_pair + self.gallery_images * per_image + self.query_boxes * per_query
+        return (self.pairs * per_pair + self.gallery_images * per_image
+                + self.query_boxes * per_query)
 
 
 def exhaustive_cost(gallery_sizes: Sequence[int]) -> EvaluationCost:

@@ -4,14 +4,14 @@
 
     qeeps-search --config C --weights W --query IMG --box x1,y1,x2,y2 --gallery DIR|VIDEO
                  [--topk 10] [--every 1] [--out output/search] [--device cpu|cuda]
-                 [--batch-size 4]
+                 [--batch-size 4] [--cascade-topk K]
     qeeps-search --config C --weights W --query-crop CROP --gallery DIR|VIDEO ...
 
 Shows a progress bar over the gallery frames (with ETA when the frame count is known), prints
 the top matches as a table and writes ``OUT/results.json``::
 
     {"query": {"image", "box", "crop"},
-     "model": {"config", "weights", "query_guided", "device", "det_thresh"},
+     "model": {"config", "weights", "query_guided", "device", "det_thresh", "cascade_topk"},
      "gallery": {"path", "every", "frames_searched", "skipped"},
      "matches": [{"rank", "frame", "index", "box", "det_score", "similarity"}, ...]}
 
@@ -20,6 +20,10 @@ and ``OUT/report/``: the query and each top-K frame with its box drawn, the matc
 existing OUT is replaced), so a failed run leaves nothing half-written. User errors (missing
 or unreadable files, a box that is empty or outside the query image, weights that do not fit the
 config, an unknown device, bad options) print one line on stderr and exit with status 2.
+
+``--cascade-topk K`` (query-guided models): every frame runs once query-agnostically, then only
+the K best frames run as (query, frame) pairs; matches of the other frames keep their
+first-stage similarity minus 3 (below -1, ranked after every re-scored match).
 """
 from __future__ import annotations
 
@@ -56,6 +60,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="output/search", help="output folder (default output/search)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if any)")
     p.add_argument("--batch-size", type=int, default=4, help="frames per forward (default 4)")
+    p.add_argument("--cascade-topk", type=int, default=0,
+                   help="query-guided models: run every frame once query-agnostically, then "
+                        "re-score only the best K frames as pairs (default 0: every frame as a "
+                        "pair)")
     return p
 
 
@@ -87,6 +95,8 @@ def _check_options(args) -> None:
     for name in ("topk", "every", "batch_size"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.cascade_topk < 0:
+        raise UsageError(f"--cascade-topk must be >= 0, got {args.cascade_topk}")
     out = os.path.abspath(args.out)
     if os.path.exists(out) and not os.path.isdir(out):
         raise UsageError(f"--out {args.out} exists and is not a folder")
@@ -98,7 +108,7 @@ def _results(args, query_path, box, is_crop, searcher, gallery, matches) -> dict
         "query": {"image": query_path, "box": box, "crop": is_crop},
         "model": {"config": args.config, "weights": args.weights,
                   "query_guided": searcher.query_guided, "device": cfg.MODEL.DEVICE,
-                  "det_thresh": searcher.det_thresh},
+                  "det_thresh": searcher.det_thresh, "cascade_topk": args.cascade_topk},
         "gallery": {"path": args.gallery, "every": args.every,
                     "frames_searched": gallery.num_read, "skipped": list(gallery.skipped)},
         "matches": [
@@ -173,7 +183,8 @@ def _run(args) -> List[str]:
     searcher = PersonSearcher.from_config(args.config, args.weights, device=args.device)
     matches = searcher.search(query_path, box, gallery, topk=args.topk,
                               batch_size=args.batch_size, progress=True,
-                              total=count_gallery(args.gallery, args.every), keep_frames=True)
+                              total=count_gallery(args.gallery, args.every), keep_frames=True,
+                              cascade_topk=args.cascade_topk or None)
     results = _results(args, query_path, box, is_crop, searcher, gallery, matches)
     out = os.path.abspath(args.out)
     title = f"qeeps-search: {os.path.basename(query_path)} in {args.gallery}"
@@ -185,6 +196,8 @@ def _run(args) -> List[str]:
 
     _publish(out, write)
     mode = "query-guided (pairs)" if searcher.query_guided else "query-agnostic"
+    if args.cascade_topk:
+        mode = f"cascade: query-agnostic, then the best {args.cascade_topk} frames as pairs"
     return [f"{gallery.num_read} frames searched ({mode}), {len(gallery.skipped)} skipped; "
             f"results in {args.out}"] + _table(matches)
 

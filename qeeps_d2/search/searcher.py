@@ -1,18 +1,28 @@
 """``PersonSearcher``: find the person of a query box in a stream of gallery frames.
 
-Two search modes, chosen by the config (``qeeps_d2.data.build.uses_pairs``):
+Search modes, chosen by the config (``qeeps_d2.data.build.uses_pairs``) and ``search``:
 
 - query-agnostic model (the OIM baseline): the query box is embedded once, every gallery frame is
   run once (detections with L2-normalised embeddings), similarity = ``pred_embeds @ query_embed``;
 - query-guided model (QSSE / QRPN / QSimNet on): every gallery frame is run as a (query, frame)
-  pair, ``batch_size`` pairs per forward, similarity = the model's ``pred_sims``.
+  pair, ``batch_size`` pairs per forward, similarity = the model's ``pred_sims``;
+- cascade (``search(..., cascade_topk=K)``, query-guided models): the same network first runs
+  query-agnostically (as the OIM baseline: every frame once, embeddings), keeping the K frames
+  with the best detection similarity (ties: earlier frame; only those K frames are held in
+  memory), then re-scores those K frames as pairs. As in cascade evaluation
+  (:mod:`qeeps_d2.evaluation.cascade`), matches of the other frames keep their first-stage
+  similarity minus ``FIRST_STAGE_OFFSET`` (3), so they rank below every re-scored match and a
+  similarity below -1 marks a first-stage match.
 
 Model inputs are built by :class:`~qeeps_d2.data.PersonSearchMapper` (same resizing as in
 evaluation), fed with in-memory images instead of files.
 """
 from __future__ import annotations
 
+import dataclasses
+import heapq
 import itertools
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -31,6 +41,7 @@ from ..checkpoint import QEEPSCheckpointer
 from ..data.build import uses_pairs
 from ..data.mapper import PersonSearchMapper
 from ..engine.trainer import setup_cfg
+from ..evaluation.cascade import FIRST_STAGE_OFFSET
 from .gallery import GalleryFrame, read_image_bgr
 
 __all__ = ["Match", "PersonSearcher", "resolve_device"]
@@ -106,6 +117,40 @@ class _ArrayMapper(PersonSearchMapper):
             return self(record)
         finally:
             self._images = None
+
+
+class _FrameShortlist:
+    """Cascade bookkeeping while the gallery streams: the ``k`` frames with the best first-stage
+    similarity so far (ties: the earlier frame) with their first-stage matches, and the best
+    ``topk`` first-stage matches (similarity shifted by ``-FIRST_STAGE_OFFSET``) of every other
+    frame. A frame that leaves the shortlist never returns to it (the frames that pushed it out
+    stay ahead), so trimming the others to ``topk`` loses nothing."""
+
+    def __init__(self, k: int, topk: Optional[int]):
+        self._k, self._topk = k, topk
+        self._heap: list = []  # (best similarity, -arrival, arrival, frame, matches); min = worst
+        self._arrivals = 0
+        self.others: List[Match] = []
+
+    def add(self, frame: GalleryFrame, matches: List[Match]) -> None:
+        """Offer a frame with its first-stage matches (``det_score >= DET_THRESH``)."""
+        arrival, self._arrivals = self._arrivals, self._arrivals + 1
+        item = (max((m.similarity for m in matches), default=-math.inf), -arrival, arrival,
+                frame, matches)
+        if len(self._heap) < self._k:
+            heapq.heappush(self._heap, item)
+            return
+        if item[:2] > self._heap[0][:2]:
+            item = heapq.heapreplace(self._heap, item)
+        shifted = [dataclasses.replace(m, similarity=m.similarity - FIRST_STAGE_OFFSET)
+                   for m in item[4]]
+        # ties: gallery order (frame indices grow along the gallery)
+        self.others = sorted(self.others + shifted,
+                             key=lambda m: (-m.similarity, m.index))[: self._topk]
+
+    def frames(self) -> List[GalleryFrame]:
+        """The shortlisted frames in gallery order."""
+        return [item[3] for item in sorted(self._heap, key=lambda item: item[2])]
 
 
 class PersonSearcher:
@@ -185,6 +230,7 @@ class PersonSearcher:
         progress: bool = True,
         total: Optional[int] = None,
         keep_frames: bool = False,
+        cascade_topk: Optional[int] = None,
     ) -> List[Match]:
         """Rank the gallery's detections by similarity to the query person.
 
@@ -199,6 +245,9 @@ class PersonSearcher:
             keep_frames: attach each kept match's frame as ``Match.image`` (for rendering).
                 Only the frames of the running top ``topk`` are held, so set ``topk`` for long
                 galleries.
+            cascade_topk: query-guided models only: search in cascade (module docstring), the
+                ``cascade_topk`` best frames of the query-agnostic pass re-scored as pairs;
+                None = every frame as a pair.
 
         Returns:
             matches with ``det_score >= TEST.PERSON_SEARCH.DET_THRESH``, similarity descending
@@ -206,13 +255,20 @@ class PersonSearcher:
 
         Raises:
             ValueError: a query box that is empty or outside the query image, a query image or
-                frame that is not an HxWx3 uint8 array, ``topk`` or ``batch_size`` < 1.
+                frame that is not an HxWx3 uint8 array, ``topk``, ``batch_size`` or
+                ``cascade_topk`` < 1, ``cascade_topk`` with a query-agnostic model.
             FileNotFoundError: a missing query image file.
         """
         if topk is not None and topk < 1:
             raise ValueError(f"topk must be >= 1 (or None for all), got {topk}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if cascade_topk is not None:
+            if cascade_topk < 1:
+                raise ValueError(f"cascade_topk must be >= 1, got {cascade_topk}")
+            if not self.query_guided:
+                raise ValueError("cascade search needs a query-guided model; this one is "
+                                 "query-agnostic (it already runs each frame once)")
         if isinstance(query_image, (str, os.PathLike)):
             query_name = f"query image {query_image}"
             query = read_image_bgr(str(query_image))
@@ -227,25 +283,45 @@ class PersonSearcher:
         query_input = self._mapper.map({"file_name": query_name, "query_box": box}, query_images)
 
         matches: List[Match] = []
+        shortlist = _FrameShortlist(cascade_topk, topk) if cascade_topk else None
+        pairs = self.query_guided and shortlist is None  # else query-agnostic: frames once
         frames = iter(gallery)
-        with torch.no_grad(), tqdm(total=total, unit="frame", desc="search",
+        desc = "search" if shortlist is None else "cascade stage 1"
+        with torch.no_grad(), tqdm(total=total, unit="frame", desc=desc,
                                    disable=not progress) as bar:
-            query_embed = None if self.query_guided else self.model([query_input])[0]["query_embed"]
+            query_embed = None if pairs else self.model([query_input])[0]["query_embed"]
             while True:
                 batch = list(itertools.islice(frames, batch_size))
                 if not batch:
                     break
-                if self.query_guided:
+                if pairs:
                     outputs = self._run_pairs(batch, query_name, box, query_images)
                 else:
                     outputs = self._run_gallery(batch)
                 for frame, out in zip(batch, outputs):
-                    matches.extend(self._matches(frame, out["instances"], query_embed, keep_frames))
+                    found = self._matches(frame, out["instances"], query_embed, keep_frames)
+                    if shortlist is None:
+                        matches.extend(found)
+                    else:
+                        shortlist.add(frame, found)
                 matches.sort(key=lambda m: -m.similarity)  # stable: ties keep gallery order
                 if topk is not None:
                     del matches[topk:]
                 bar.update(len(batch))
-        return matches
+        if shortlist is None:
+            return matches
+        # stage 2: the shortlisted frames as pairs, ranked above every first-stage match
+        shortlisted = shortlist.frames()
+        with torch.no_grad(), tqdm(total=len(shortlisted), unit="frame", desc="re-score",
+                                   disable=not progress) as bar:
+            for start in range(0, len(shortlisted), batch_size):
+                batch = shortlisted[start : start + batch_size]
+                outputs = self._run_pairs(batch, query_name, box, query_images)
+                for frame, out in zip(batch, outputs):
+                    matches.extend(self._matches(frame, out["instances"], None, keep_frames))
+                bar.update(len(batch))
+        matches.sort(key=lambda m: -m.similarity)  # stable: ties keep gallery order
+        return (matches + shortlist.others)[:topk]
 
     def _frame_images(self, frame: GalleryFrame) -> Dict[str, np.ndarray]:
         image = _check_bgr(frame.image, f"gallery frame {frame.name}")
@@ -266,9 +342,11 @@ class PersonSearcher:
         return self.model(inputs)
 
     def _matches(self, frame: GalleryFrame, instances, query_embed, keep_frames) -> List[Match]:
-        """The frame's detections with score >= DET_THRESH as matches (boxes in frame pixels)."""
+        """The frame's detections with score >= DET_THRESH as matches (boxes in frame pixels);
+        similarity = ``pred_sims`` (pairs: ``query_embed`` None) or ``pred_embeds @ query_embed``.
+        """
         instances = instances[instances.scores >= self.det_thresh]
-        if self.query_guided:
+        if query_embed is None:
             sims = instances.pred_sims
         else:
             sims = instances.pred_embeds @ query_embed
