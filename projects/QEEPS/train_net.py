@@ -4,11 +4,16 @@
     python projects/QEEPS/train_net.py --config-file configs/SynthPS/qeeps.yaml
     python projects/QEEPS/train_net.py --config-file configs/SynthPS/qeeps.yaml --eval-only \
         MODEL.WEIGHTS output/synthps/qeeps/model_final.pth
+
+A bad config file, unknown key, unknown data set or data set file of the wrong layout is reported
+in one line (exit status 2) before anything is written to OUTPUT_DIR.
 """
 from detectron2.engine import default_argument_parser, launch
 
 from qeeps_d2.checkpoint import QEEPSCheckpointer
 from qeeps_d2.engine import Trainer, setup_cfg
+from qeeps_d2.engine.input_checks import check_train_net_inputs
+from qeeps_d2.utils.cli import exit_on_user_error
 
 
 def main(args):
@@ -26,6 +31,8 @@ def main(args):
 
 def invoke_main() -> None:
     args = default_argument_parser().parse_args()
+    exit_on_user_error("train_net.py", check_train_net_inputs, args.config_file, args.opts,
+                       args.eval_only)
     launch(
         main,
         args.num_gpus,

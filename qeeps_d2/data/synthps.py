@@ -37,6 +37,7 @@ import cv2
 import numpy as np
 
 from .cuhk_sysu import GALLERY_SIZES, write_cuhk_sysu
+from ..utils.cli import run_cli
 from .synthps_render import (
     LOOKALIKE_ATTRIBUTES,
     Appearance,
@@ -396,6 +397,8 @@ def ensure_synthps(root: str, seed: int = 0, force: bool = False, **knobs) -> st
     root = os.path.abspath(root)
     if _is_complete(root) and not force:
         return root
+    if os.path.exists(root) and not os.path.isdir(root):
+        raise RuntimeError(f"cannot create SynthPS at {root}: it is a file, not a folder")
     if os.path.isdir(root) and os.listdir(root) and not _is_complete(root):
         raise RuntimeError(f"cannot create SynthPS at {root}: the folder exists and holds no "
                            f"annotation/Images.mat; remove it or choose another root")
@@ -487,18 +490,24 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Console script ``qeeps-synthps``; returns the exit status."""
-    args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+def _run(args) -> List[str]:
     knobs = {name: getattr(args, name) for name in DEFAULT_KNOBS}
     existed = _is_complete(args.root) and not args.force
     root = ensure_synthps(args.root, args.seed, force=args.force, **knobs)
     stats = synthps_stats(root)
+    lines = [format_synthps_stats(stats)]
     if existed:
-        print(f"SynthPS already present at {root} (seed {stats['seed']}); use --force to regenerate")
-    print(format_synthps_stats(stats))
-    return 0
+        lines.insert(0, f"SynthPS already present at {root} (seed {stats['seed']}); use --force "
+                        "to regenerate")
+    return lines
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Console script ``qeeps-synthps``; returns the exit status (0 ok, 2 user error: a bad
+    knob, or a --root that exists and is not a SynthPS folder, reported in one line)."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    return run_cli("qeeps-synthps", _parser(), _run, argv,
+                   user_errors=(ValueError, OSError, RuntimeError))
 
 
 if __name__ == "__main__":

@@ -4,13 +4,17 @@ A gallery is streamed frame by frame (:class:`GalleryFrame`: name, BGR image, in
 ten-minute video is never held in memory:
 
 - folder: the ``.jpg/.jpeg/.png/.bmp`` files directly in it (not in sub-folders), sorted by name;
-  ``name`` is the file name, ``index`` its position in that sorted list. An unreadable image is
-  skipped with a warning and listed in :attr:`Gallery.skipped`; the search goes on.
+  ``name`` is the file name, ``index`` its position in that sorted list. An unreadable image
+  (not an image, truncated, corrupt) is skipped with a warning and listed in
+  :attr:`Gallery.skipped`; the search goes on. A folder in which no image at all can be read is
+  an error (``ValueError`` at the end of the iteration).
 - video (any file OpenCV's ``VideoCapture`` opens; a single image file reads as a one-frame
   video): ``name`` is ``frame_000123``, ``index`` the frame number (0-based) in the video.
 
 ``every=N`` keeps every N-th frame (or image): indices 0, N, 2N, ...
-Numpy / OpenCV only (no torch).
+``start=K`` skips the first K of those (a continued search, see ``qeeps_d2.search.progress``);
+a video's skipped frames are grabbed, not decoded. Memory does not grow with the gallery's length.
+Numpy / OpenCV / Pillow only (no torch).
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ from typing import Iterator, List, Optional
 
 import cv2
 import numpy as np
+from PIL import Image, ImageOps
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -48,18 +53,24 @@ class GalleryFrame:
 
 
 def read_image_bgr(path: str) -> np.ndarray:
-    """Read an image file as an (H, W, 3) uint8 BGR array (EXIF orientation applied).
+    """Read an image file as an (H, W, 3) uint8 BGR array (EXIF orientation applied), decoded
+    with Pillow as Detectron2's ``read_image`` does (so searching and evaluation see the same
+    pixels). Pillow, unlike OpenCV, refuses a truncated JPEG instead of returning it half grey.
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        ValueError: the file is not an image OpenCV can decode.
+        ValueError: the file is not an image, or is truncated or corrupt (the message names it).
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"image {path} not found")
-    image = cv2.imread(path, cv2.IMREAD_COLOR)
-    if image is None:
-        raise ValueError(f"cannot read image {path}: not an image file, or corrupt")
-    return image
+    try:
+        with Image.open(path) as image:
+            image = ImageOps.exif_transpose(image).convert("RGB")
+            rgb = np.asarray(image)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise ValueError(f"cannot read image {path}: not an image file, truncated or corrupt "
+                         f"({e})") from None
+    return np.ascontiguousarray(rgb[:, :, ::-1])
 
 
 def _check_every(every: int) -> int:
@@ -91,15 +102,18 @@ class Gallery:
             ``every`` < 1.
 
     Attributes:
-        path, every: as given.
+        path, every, start: as given (``start``: frames kept by ``every`` to skip first).
         is_video: whether ``path`` is a video file (else a folder).
         skipped: folder images that could not be read during the last iteration.
         num_read: frames yielded by the last iteration.
     """
 
-    def __init__(self, path: str, every: int = 1):
+    def __init__(self, path: str, every: int = 1, start: int = 0):
         self.path = str(path)
         self.every = _check_every(every)
+        if int(start) != start or start < 0:
+            raise ValueError(f"start must be a non-negative integer, got {start!r}")
+        self.start = int(start)
         if not os.path.exists(self.path):
             raise FileNotFoundError(f"gallery {self.path} does not exist")
         self.is_video = not os.path.isdir(self.path)
@@ -130,7 +144,7 @@ class Gallery:
 
     def _folder_frames(self) -> Iterator[GalleryFrame]:
         names = _image_files(self.path)
-        for index in range(0, len(names), self.every):
+        for index in range(self.start * self.every, len(names), self.every):
             name = names[index]
             try:
                 image = read_image_bgr(os.path.join(self.path, name))
@@ -144,13 +158,18 @@ class Gallery:
                 "gallery %s: skipped %d unreadable image(s) of %d",
                 self.path, len(self.skipped), len(range(0, len(names), self.every)),
             )
+            if self.num_read == 0 and self.start == 0:
+                raise ValueError(
+                    f"gallery folder {self.path}: none of its {len(self.skipped)} image(s) "
+                    "could be read (not images, truncated or corrupt)"
+                )
 
     def _video_frames(self) -> Iterator[GalleryFrame]:
         capture = cv2.VideoCapture(self.path)
         try:
             index = 0
             while True:
-                if index % self.every == 0:
+                if index % self.every == 0 and index >= self.start * self.every:
                     ok, image = capture.read()
                     if not ok:
                         break
@@ -162,10 +181,11 @@ class Gallery:
             capture.release()
 
 
-def iter_gallery(path: str, every: int = 1) -> Gallery:
-    """The frames of a folder of images or a video file, every ``every``-th one (a lazy,
-    re-iterable :class:`Gallery` of :class:`GalleryFrame`; errors as in :class:`Gallery`)."""
-    return Gallery(path, every)
+def iter_gallery(path: str, every: int = 1, start: int = 0) -> Gallery:
+    """The frames of a folder of images or a video file, every ``every``-th one, from the
+    ``start``-th of those on (a lazy, re-iterable :class:`Gallery` of :class:`GalleryFrame`;
+    errors as in :class:`Gallery`)."""
+    return Gallery(path, every, start)
 
 
 def count_gallery(path: str, every: int = 1) -> Optional[int]:
