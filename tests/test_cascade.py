@@ -355,3 +355,54 @@ def test_cli_cascade_topk(searchers, tmp_path, capsys):
                                [m.similarity for m in expected], atol=1e-5)
     assert cli("--cascade-topk", "-1") == 2
     assert "--cascade-topk must be >= 0" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ tools/cascade_eval.py
+def test_cascade_eval_tool_on_the_cuhk_fixture(tmp_path, monkeypatch, capsys):
+    import importlib.util
+    import os
+
+    import dataset_fixtures
+    from dist_eval_worker import eval_cfg, guided_model
+
+    from qeeps_d2.checkpoint import QEEPSCheckpointer
+
+    spec = importlib.util.spec_from_file_location(
+        "cascade_eval", os.path.join(os.path.dirname(__file__), "..", "tools", "cascade_eval.py"))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    dataset_fixtures.make_cuhk_sysu_fixture(str(tmp_path / "CUHK-SYSU"))
+    monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path))
+    QEEPSCheckpointer(guided_model(), str(tmp_path)).save("model")
+    config = tmp_path / "config.yaml"
+    config.write_text(eval_cfg(True, 0, str(tmp_path / "unused")).dump())
+    out = tmp_path / "out"
+    argv = ["--config", str(config), "--weights", str(tmp_path / "model.pth"), "--topk", "1", "5",
+            "--gallery-sizes", "50", "100", "--out", str(out)]
+    assert tool.main(argv) == 0
+    assert "| cascade K=1 |" in capsys.readouterr().out
+    rows = {(r["method"], r["gallery"]): r for r in json.load(open(out / "cascade_eval.json"))}
+    # 2 queries, 5 distinct gallery images each; G50 is not a subset of G100 here: its own run
+    assert [rows[("exhaustive", s)]["pairs"] for s in (50, 100)] == [10, 10]
+    assert [rows[("cascade K=1", s)]["pairs"] for s in (50, 100)] == [2, 2]
+    assert all(rows[(m, s)]["seconds"] > 0 and not rows[(m, s)]["estimated"]
+               for m in ("exhaustive", "cascade K=1") for s in (50, 100))
+    for s in (50, 100):  # K=5 re-scores whole galleries: the exhaustive numbers
+        assert rows[("cascade K=5", s)]["pairs"] == 10
+        assert rows[("cascade K=5", s)]["mAP"] == rows[("exhaustive", s)]["mAP"]
+        assert rows[("cascade K=5", s)]["top1"] == rows[("exhaustive", s)]["top1"]
+    assert rows[("first stage only (query-agnostic)", 100)]["pairs"] == 0
+    # reusing the exhaustive G100 file: same numbers, time unknown; a cascade file is refused
+    def reuse(run):
+        path = out / run / "inference" / "cuhk_sysu_test_results.json.gz"
+        return tool.main(argv[:-5] + ["--gallery-sizes", "100", "--out", str(tmp_path / "again"),
+                                      "--exhaustive-results", str(path)])
+
+    assert reuse("G100_exhaustive") == 0
+    again = {(r["method"], r["gallery"]): r
+             for r in json.load(open(tmp_path / "again" / "cascade_eval.json"))}
+    assert again[("exhaustive", 100)]["mAP"] == rows[("exhaustive", 100)]["mAP"]
+    assert again[("exhaustive", 100)]["seconds"] is None
+    capsys.readouterr()
+    assert reuse("G100_cascade1") == 2
+    assert "expected an exhaustive 'pairs' results file" in capsys.readouterr().err
