@@ -15,7 +15,10 @@ representation, so reading a file back gives exactly the arrays that were writte
 One optional top-level field has a meaning here: ``"gallery_detections"``
 (``{image: [[x1, y1, x2, y2, det_score], ...]}``), the query-independent detections of a
 query-agnostic model, from which detection AP / recall can be computed. Every other extra field
-is kept as is in :attr:`SearchResults.extra`.
+is kept as is in :attr:`SearchResults.extra`. The evaluator writes ``"mode"`` (``"agnostic"``,
+``"pairs"`` or ``"cascade"``); a cascade file also holds ``"cascade_topk"`` (K) and
+``"num_pairs"``, and its similarities below -1 are first-stage scores shifted down by 3
+(``qeeps_d2.evaluation.cascade``), so similarities are not bounded to [-1, 1].
 
 :func:`read_results` checks the file on its own (format tag, known data set, structure, rows);
 :func:`validate_against_protocol` checks it against the protocol it is scored with.
