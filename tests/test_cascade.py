@@ -15,6 +15,7 @@ from qeeps_d2.evaluation.cascade import (
     FIRST_STAGE_OFFSET,
     best_similarity,
     cascade_cost,
+    cascade_rows,
     exhaustive_cost,
     merge_cascade_rows,
     protocol_costs,
@@ -63,6 +64,17 @@ def test_merge_ranks_rescored_rows_above_first_stage_rows():
     np.testing.assert_array_equal(first["c"], _rows(0.5))  # inputs untouched
     # the lowest possible pair similarity (cosine -1) beats the best first-stage one (cosine 1)
     assert -1.0 > 1.0 - FIRST_STAGE_OFFSET
+
+
+def test_cascade_rows_from_first_stage_and_exhaustive_rows():
+    first = {0: {"a": _rows(0.2), "b": _rows(0.9)}, 1: {"a": _rows(0.5)}}
+    pairs = {0: {"a": _rows(0.7), "b": _rows(0.1)}, 1: {"a": _rows(0.3), "c": _rows(0.8)}}
+    merged, lists = cascade_rows({0: ["a", "b"], 1: ["c", "a"]}, first, pairs, 1, 0.5)
+    assert lists == {0: ["b"], 1: ["a"]}
+    np.testing.assert_array_equal(merged[0]["b"], _rows(0.1))
+    np.testing.assert_array_equal(merged[0]["a"], _rows(0.2 - FIRST_STAGE_OFFSET))
+    assert sorted(merged[1]) == ["a"]  # c: not re-scored and no first-stage detection
+    np.testing.assert_array_equal(merged[1]["a"], _rows(0.3))
 
 
 def test_costs_exhaustive_vs_cascade():
@@ -376,33 +388,40 @@ def test_cascade_eval_tool_on_the_cuhk_fixture(tmp_path, monkeypatch, capsys):
     QEEPSCheckpointer(guided_model(), str(tmp_path)).save("model")
     config = tmp_path / "config.yaml"
     config.write_text(eval_cfg(True, 0, str(tmp_path / "unused")).dump())
-    out = tmp_path / "out"
-    argv = ["--config", str(config), "--weights", str(tmp_path / "model.pth"), "--topk", "1", "5",
-            "--gallery-sizes", "50", "100", "--out", str(out)]
-    assert tool.main(argv) == 0
+    model_args = ["--config", str(config), "--weights", str(tmp_path / "model.pth")]
+
+    def run(out, *extra):
+        code = tool.main(model_args + ["--out", str(tmp_path / out), *extra])
+        if code:
+            return code
+        return {(r["method"], r["gallery"]): r
+                for r in json.load(open(tmp_path / out / "cascade_eval.json"))}
+
+    rows = run("real", "--topk", "1", "--gallery-sizes", "50", "100")
     assert "| cascade K=1 |" in capsys.readouterr().out
-    rows = {(r["method"], r["gallery"]): r for r in json.load(open(out / "cascade_eval.json"))}
     # 2 queries, 5 distinct gallery images each; G50 is not a subset of G100 here: its own run
     assert [rows[("exhaustive", s)]["pairs"] for s in (50, 100)] == [10, 10]
     assert [rows[("cascade K=1", s)]["pairs"] for s in (50, 100)] == [2, 2]
     assert all(rows[(m, s)]["seconds"] > 0 and not rows[(m, s)]["estimated"]
                for m in ("exhaustive", "cascade K=1") for s in (50, 100))
-    for s in (50, 100):  # K=5 re-scores whole galleries: the exhaustive numbers
-        assert rows[("cascade K=5", s)]["pairs"] == 10
-        assert rows[("cascade K=5", s)]["mAP"] == rows[("exhaustive", s)]["mAP"]
-        assert rows[("cascade K=5", s)]["top1"] == rows[("exhaustive", s)]["top1"]
     assert rows[("first stage only (query-agnostic)", 100)]["pairs"] == 0
-    # reusing the exhaustive G100 file: same numbers, time unknown; a cascade file is refused
-    def reuse(run):
-        path = out / run / "inference" / "cuhk_sysu_test_results.json.gz"
-        return tool.main(argv[:-5] + ["--gallery-sizes", "100", "--out", str(tmp_path / "again"),
-                                      "--exhaustive-results", str(path)])
 
-    assert reuse("G100_exhaustive") == 0
-    again = {(r["method"], r["gallery"]): r
-             for r in json.load(open(tmp_path / "again" / "cascade_eval.json"))}
-    assert again[("exhaustive", 100)]["mAP"] == rows[("exhaustive", 100)]["mAP"]
-    assert again[("exhaustive", 100)]["seconds"] is None
+    # --emulate from the exhaustive G100 file: K=1 as the real run (batches of 1: the same pair
+    # rows), K=5 (whole galleries) as the exhaustive one; times estimated from --seconds-per-pair
+    def results(run_dir):
+        return str(tmp_path / "real" / run_dir / "inference" / "cuhk_sysu_test_results.json.gz")
+
+    emulated = run("emu", "--topk", "1", "5", "--gallery-sizes", "100", "--emulate",
+                   "--seconds-per-pair", "0.5", "--exhaustive-results", results("G100_exhaustive"))
+    for k, real in ((1, rows[("cascade K=1", 100)]), (5, rows[("exhaustive", 100)])):
+        emu = emulated[(f"cascade K={k} (emulated)", 100)]
+        assert (emu["mAP"], emu["top1"], emu["pairs"]) == (real["mAP"], real["top1"], real["pairs"])
+        assert emu["estimated"] and emu["seconds"] > 0.5 * emu["pairs"]
+    assert emulated[("exhaustive", 100)]["seconds"] is None  # reused file: time unknown
+    first = ("first stage only (query-agnostic)", 100)
+    assert emulated[first]["mAP"] == rows[first]["mAP"]
+    # a cascade results file is no exhaustive one
     capsys.readouterr()
-    assert reuse("G100_cascade1") == 2
+    assert run("bad", "--gallery-sizes", "100", "--exhaustive-results",
+               results("G100_cascade1")) == 2
     assert "expected an exhaustive 'pairs' results file" in capsys.readouterr().err

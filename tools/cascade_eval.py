@@ -3,17 +3,27 @@
 
     python tools/cascade_eval.py --config configs/SynthPS/qeeps.yaml \\
         --weights output/synthps/qeeps/model_final.pth --topk 5 10 20 --gallery-sizes 50 100 \\
-        [--exhaustive-results output/synthps/qeeps/eval_G100/inference/synthps_test_results.json.gz] \\
-        [--out output/synthps/cascade] [--max-queries N] [KEY VALUE ...]
+        [--exhaustive-results output/synthps/qeeps/eval_G100/inference/synthps_test_results.json.gz]
+        [--emulate [--seconds-per-pair S]] [--out output/cascade_eval] [--max-queries N]
+        [KEY VALUE ...]
 
-For every gallery size and every K the cascade runs for real through ``Trainer.test`` (the
-``--eval-only`` path, ``TEST.PERSON_SEARCH.CASCADE_TOPK K``): its wall time covers both stages
-(the query-agnostic pass over the gallery images and query boxes, then K pairs per query). The
-exhaustive pair evaluation runs once on the largest gallery (or is read from
-``--exhaustive-results``, a results file of that model and gallery size: its time is then not
-known); smaller galleries that are subsets of it are scored from the same rows (a pair's
-detections do not depend on the gallery), their time estimated from the measured rate ("est.").
-The first-stage-only row is the query-agnostic pass alone (the OIM-style search with the
+Exhaustive: the pair evaluation runs once on the largest gallery (or is read from
+``--exhaustive-results``, a results file of that model and gallery size; its time is then
+unknown); smaller galleries that are subsets of it are scored from the same rows (a pair's
+detections do not depend on the gallery) with the time scaled by their pair count ("est.").
+
+Cascade, default: every gallery size and K runs for real through ``Trainer.test`` (the
+``--eval-only`` path with ``TEST.PERSON_SEARCH.CASCADE_TOPK K``); its wall time covers both
+stages (the query-agnostic pass over the gallery images and query boxes, then K pairs per query).
+
+Cascade, ``--emulate``: the query-agnostic first stage runs once (timed) and every (gallery
+size, K) is computed from it and the exhaustive rows of the shortlisted pairs, with no further
+forward pass (``qeeps_d2.evaluation.cascade.cascade_rows``); times are estimated as the first
+stage's + pairs x the exhaustive per-pair time (or ``--seconds-per-pair``). The pair rows then
+come from the exhaustive run's batches instead of the cascade's own, which can differ in the
+last float digits.
+
+The "first stage only" row is the query-agnostic pass alone (OIM-style search with the
 query-guided network). The table also goes to ``OUT/cascade_eval.md`` and ``.json``.
 """
 import json
@@ -21,15 +31,23 @@ import os
 import sys
 import time
 
+from detectron2.evaluation import inference_on_dataset
 from detectron2.utils.logger import setup_logger
 
 from qeeps_d2.checkpoint import QEEPSCheckpointer
-from qeeps_d2.data.build import evaluated_queries, load_test_protocol, uses_pairs
+from qeeps_d2.data.build import (
+    build_person_search_test_loader,
+    evaluated_queries,
+    load_test_protocol,
+    uses_pairs,
+)
 from qeeps_d2.engine import Trainer, setup_cfg
-from qeeps_d2.evaluation.cascade import protocol_costs
+from qeeps_d2.evaluation.cascade import cascade_rows, protocol_costs
 from qeeps_d2.evaluation.results_file import read_results, validate_against_protocol
 from qeeps_d2.evaluation.search_metrics import score_search
 from qeeps_d2.utils.cli import ArgumentParser, UsageError, run_cli
+
+FIRST_STAGE = "first stage only (query-agnostic)"
 
 
 def _parser():
@@ -40,6 +58,10 @@ def _parser():
                    help="cascade shortlist lengths K (default 5 10 20)")
     p.add_argument("--gallery-sizes", type=int, nargs="+", default=[50, 100])
     p.add_argument("--exhaustive-results", help="reuse this exhaustive results file (largest size)")
+    p.add_argument("--emulate", action="store_true",
+                   help="cascade numbers from one first-stage pass + the exhaustive rows")
+    p.add_argument("--seconds-per-pair", type=float,
+                   help="per-pair time for --emulate estimates when the exhaustive time is unknown")
     p.add_argument("--out", default="output/cascade_eval", help="output folder")
     p.add_argument("--max-queries", type=int, default=0, help="first N queries only (partial)")
     p.add_argument("opts", nargs="*", help="KEY VALUE config overrides")
@@ -47,7 +69,7 @@ def _parser():
 
 
 class _Runner:
-    """Evaluations of one model on the config's first test set, timed."""
+    """Timed evaluations of one model on the config's first test set."""
 
     def __init__(self, args):
         self.args = args
@@ -73,12 +95,18 @@ class _Runner:
             extra += ["OUTPUT_DIR", os.path.join(self.args.out, out)]
         return setup_cfg(self.args.config, self.opts + extra, resolve_schedule=False)
 
-    def evaluate(self, size: int, k: int):
-        """(metrics, results file path, seconds) of one Trainer.test run."""
-        name = f"G{size}_" + (f"cascade{k}" if k else "exhaustive")
+    def evaluate(self, size: int, k: int = 0, agnostic: bool = False):
+        """(person-search metrics, results file path, seconds) of one run: Trainer.test
+        (exhaustive or cascade K), or the query-agnostic pass alone."""
+        name = f"G{size}_" + ("first_stage" if agnostic else f"cascade{k}" if k else "exhaustive")
         cfg = self.cfg(size, k, name)
         start = time.perf_counter()
-        metrics = Trainer.test(cfg, self.model)
+        if agnostic:
+            loader = build_person_search_test_loader(cfg, self.dataset, mode="agnostic")
+            evaluator = Trainer.build_evaluator(cfg, self.dataset)
+            metrics = inference_on_dataset(self.model, loader, evaluator)
+        else:
+            metrics = Trainer.test(cfg, self.model)
         seconds = time.perf_counter() - start
         path = os.path.join(cfg.OUTPUT_DIR, "inference", f"{self.dataset}_results.json.gz")
         return metrics["person_search"], path, seconds
@@ -88,14 +116,21 @@ def _rows(runner: _Runner, args) -> list:
     sizes, rows = sorted(set(args.gallery_sizes)), []
     largest = sizes[-1]
     protocols = {s: load_test_protocol(runner.cfg(s), runner.dataset) for s in sizes}
-    queries = {s: evaluated_queries(runner.cfg(s), protocols[s]) for s in sizes}
+    queries = {}
+    for s in sizes:
+        indices = evaluated_queries(runner.cfg(s), protocols[s])
+        queries[s] = indices if indices is not None else list(range(len(protocols[s])))
 
-    def row(method, size, ps_or_scores, pairs, seconds, estimated=False):
-        rows.append({"method": method, "gallery": size, "mAP": ps_or_scores[0],
-                     "top1": ps_or_scores[1], "pairs": pairs, "seconds": seconds,
-                     "estimated": estimated})
+    def row(method, size, scores, pairs, seconds, estimated=False):
+        rows.append({"method": method, "gallery": size, "mAP": scores[0], "top1": scores[1],
+                     "pairs": pairs, "seconds": seconds, "estimated": estimated})
 
-    # exhaustive, largest gallery: reused or run
+    def score(size, detections):
+        s = score_search(protocols[size], detections, runner.det_thresh,
+                         query_indices=queries[size])
+        return 100 * s.mean_ap, 100 * s.top_k(1)
+
+    # exhaustive, largest gallery: reused or run; smaller ones scored from it when subsets
     if args.exhaustive_results:
         path, seconds = args.exhaustive_results, None
         results = read_results(path)
@@ -104,33 +139,50 @@ def _rows(runner: _Runner, args) -> list:
                              "expected an exhaustive 'pairs' results file")
         validate_against_protocol(results, protocols[largest], path)
     else:
-        _, path, seconds = runner.evaluate(largest, 0)
-    detections = read_results(path).detections_by_query()
+        _, path, seconds = runner.evaluate(largest)
+    exhaustive = read_results(path).detections_by_query()
+    missing = [i for i in queries[largest] if i not in exhaustive]
+    if missing:
+        raise UsageError(f"{path}: query {missing[0]} is missing (a partial results file?)")
+    total = protocol_costs(protocols[largest], 1, queries[largest])[0].pairs
+    per_pair = seconds / total if seconds is not None else args.seconds_per_pair
+    subsets = {s: all(set(protocols[s].gallery(i).images)
+                      <= set(protocols[largest].gallery(i).images) for i in queries[s])
+               for s in sizes}
     for size in sizes:
-        protocol, indices = protocols[size], queries[size]
-        indices = indices if indices is not None else list(range(len(protocol)))
-        pairs = protocol_costs(protocol, 1, indices)[0].pairs
-        subset = all(set(protocol.gallery(i).images) <= set(protocols[largest].gallery(i).images)
-                     for i in indices)
-        missing = [i for i in indices if i not in detections]
-        if missing:
-            raise UsageError(f"{path}: query {missing[0]} is missing (a partial results file?)")
-        if size == largest or subset:
-            scores = score_search(protocol, detections, runner.det_thresh, query_indices=indices)
-            total = protocol_costs(protocols[largest], 1, indices)[0].pairs
+        pairs = protocol_costs(protocols[size], 1, queries[size])[0].pairs
+        if subsets[size]:
             est = None if seconds is None else seconds * pairs / total
-            row("exhaustive", size, (100 * scores.mean_ap, 100 * scores.top_k(1)), pairs, est,
-                estimated=size != largest)
-        else:  # not a subset: its own run
-            ps, _, secs = runner.evaluate(size, 0)
+            row("exhaustive", size, score(size, exhaustive), pairs, est, size != largest)
+        elif args.emulate:
+            raise UsageError(f"--emulate: G{size} is not a subset of G{largest}")
+        else:
+            ps, _, secs = runner.evaluate(size)
             row("exhaustive", size, (ps["mAP"], ps["top1"]), pairs, secs)
-    # cascade: every size and K for real
-    for size in sizes:
+
+    if args.emulate:
+        ps, path, first_seconds = runner.evaluate(largest, agnostic=True)
+        first = read_results(path).detections_by_query()
+        first_forwards = protocol_costs(protocols[largest], 1, queries[largest])[1]
+        for size in sizes:
+            cost = protocol_costs(protocols[size], 1, queries[size])[1]
+            # first-stage time scaled to this size's gallery images + query boxes
+            t1 = first_seconds * (cost.gallery_images + cost.query_boxes) / (
+                first_forwards.gallery_images + first_forwards.query_boxes)
+            row(FIRST_STAGE, size, score(size, first), 0, t1, size != largest)
+            galleries = {i: protocols[size].gallery(i).images for i in queries[size]}
+            for k in sorted(set(args.topk)):
+                merged, lists = cascade_rows(galleries, first, exhaustive, k, runner.det_thresh)
+                pairs = sum(len(v) for v in lists.values())
+                est = None if per_pair is None else t1 + pairs * per_pair
+                row(f"cascade K={k} (emulated)", size, score(size, merged), pairs, est, True)
+        return rows
+
+    for size in sizes:  # cascade: every size and K for real
         for k in sorted(set(args.topk)):
             ps, _, seconds = runner.evaluate(size, k)
             if k == min(args.topk):
-                row("first stage only (query-agnostic)", size,
-                    (ps["first_stage_mAP"], ps["first_stage_top1"]), 0, None)
+                row(FIRST_STAGE, size, (ps["first_stage_mAP"], ps["first_stage_top1"]), 0, None)
             row(f"cascade K={k}", size, (ps["mAP"], ps["top1"]), ps["num_pairs"], seconds)
     return rows
 
@@ -160,10 +212,9 @@ def format_table(rows: list, dataset: str) -> str:
 def _run(args):
     if min(args.topk) < 1:
         raise UsageError(f"--topk values must be >= 1, got {args.topk}")
-    if not os.path.isfile(args.config):
-        raise UsageError(f"--config {args.config}: file not found")
-    if not os.path.isfile(args.weights):
-        raise UsageError(f"--weights {args.weights}: file not found")
+    for flag, path in (("--config", args.config), ("--weights", args.weights)):
+        if not os.path.isfile(path):
+            raise UsageError(f"{flag} {path}: file not found")
     os.makedirs(args.out, exist_ok=True)
     setup_logger(output=args.out, name="detectron2")
     setup_logger(output=args.out, name="qeeps_d2", abbrev_name="qeeps")

@@ -35,6 +35,7 @@ __all__ = [
     "shortlist_images",
     "shortlist",
     "merge_cascade_rows",
+    "cascade_rows",
     "EvaluationCost",
     "exhaustive_cost",
     "cascade_cost",
@@ -130,6 +131,33 @@ def merge_cascade_rows(
             rows[:, 5] -= FIRST_STAGE_OFFSET
             merged[name] = rows
     return merged
+
+
+def cascade_rows(
+    galleries: Mapping[int, Sequence[str]],
+    first_stage: Mapping[int, Mapping[str, np.ndarray]],
+    pair_rows: Mapping[int, Mapping[str, np.ndarray]],
+    k: int,
+    det_thresh: float,
+):
+    """Every query's cascade rows from first-stage rows and pair rows that cover (at least) the
+    shortlisted images, e.g. an exhaustive run's: the cascade's result without a new forward
+    pass (``tools/cascade_eval.py --emulate``).
+
+    Args:
+        galleries: query index -> its gallery images.
+        first_stage: query index -> image -> first-stage rows (N, 6).
+        pair_rows: query index -> image -> pair-mode rows (N, 6).
+
+    Returns:
+        (query index -> image -> merged rows, query index -> shortlisted images)
+    """
+    lists = shortlist(galleries, first_stage, k, det_thresh)
+    merged = {
+        i: merge_cascade_rows(images, first_stage.get(i, {}), pair_rows.get(i, {}), lists[i])
+        for i, images in galleries.items()
+    }
+    return merged, lists
 
 
 @dataclass(frozen=True)
