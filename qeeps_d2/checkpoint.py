@@ -44,15 +44,16 @@ from __future__ import annotations
 import logging
 import os
 import re
-import tempfile
 import weakref
-from typing import Any, Callable, Dict, List, Mapping
+from typing import Any, Dict, List, Mapping
 
 import torch
 from fvcore.common.checkpoint import PeriodicCheckpointer
 
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling.backbone.resnet import BottleneckBlock
+
+from qeeps_d2.utils.atomic_write import write_atomically
 
 __all__ = [
     "CheckpointError",
@@ -63,7 +64,6 @@ __all__ = [
     "install_qeeps_checkpointer",
     "is_torchvision_resnet",
     "torchvision_preprocessing_mismatches",
-    "write_atomically",
 ]
 
 logger = logging.getLogger(__name__)
@@ -150,24 +150,6 @@ def torchvision_preprocessing_mismatches(model: torch.nn.Module) -> List[str]:
     ):
         problems.append("MODEL.RESNETS.STRIDE_IN_1X1 is True, torchvision weights need False")
     return problems
-
-
-def write_atomically(path: str, write: Callable[[Any], None], mode: str = "wb") -> None:
-    """Call ``write(f)`` on a temporary file beside ``path``, flush it to disk, then rename it to
-    ``path`` (an existing file is replaced only once the new one is complete); on any error the
-    temporary file is removed and ``path`` is left as it was."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def _listed(keys: List[str]) -> str:

@@ -3,6 +3,7 @@
 training stream is deterministic per iteration; a crash while saving keeps the last checkpoint.
 """
 import json
+import re
 import os
 import signal
 import subprocess
@@ -221,3 +222,82 @@ def test_crash_while_tagging_keeps_the_previous_tag(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert (tmp_path / "last_checkpoint").read_text() == "model_0000002.pth"
     assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
+
+
+# ---------------------------------------------------------------------------- long searches
+@pytest.fixture(scope="module")
+def video_search(tmp_path_factory):
+    import cv2
+    import search_fixtures
+    root = tmp_path_factory.mktemp("video_search")
+    config, weights, _, _ = search_fixtures.save_model_files(str(root / "model"), guided=False)
+    video = str(root / "clip.avi")
+    search_fixtures.write_video(video, 20)
+    query = str(root / "query.png")
+    cv2.imwrite(query, search_fixtures.random_image(7))
+    return ["--config", config, "--weights", weights, "--query", query, "--box", "10,8,40,60",
+            "--gallery", video, "--topk", "5", "--save-every", "4", "--device", "cpu"]
+
+
+def _record_frames(monkeypatch, stop_after=None):
+    """Make PersonSearcher.search record the frame indices it reads; Ctrl-C after
+    ``stop_after`` frames."""
+    from qeeps_d2.search.searcher import PersonSearcher
+    seen = []
+    real = PersonSearcher.search
+
+    def search(self, query, box, gallery, **kwargs):
+        def frames():
+            for frame in gallery:
+                if stop_after is not None and len(seen) == stop_after:
+                    raise KeyboardInterrupt
+                seen.append(frame.index)
+                yield frame
+        return real(self, query, box, frames(), **kwargs)
+
+    monkeypatch.setattr(PersonSearcher, "search", search)
+    return seen
+
+
+def test_interrupted_video_search_continues_to_the_same_results(video_search, tmp_path,
+                                                                monkeypatch, capsys):
+    from qeeps_d2.search.cli import main
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    partial = tmp_path / ".out.partial"
+    assert main(video_search + ["--out", str(ref)]) == 0
+    expected = json.loads((ref / "results.json").read_text())
+    assert expected["gallery"]["frames_searched"] == 20 and len(expected["matches"]) == 5
+
+    seen = _record_frames(monkeypatch, stop_after=10)  # Ctrl-C in the third chunk of 4 frames
+    assert main(video_search + ["--out", str(out)]) == 130
+    assert re.search(r"interrupted after 1[01] frames; the first 8 are saved in .*\.out\.partial",
+                     capsys.readouterr().err)
+    assert not out.exists()
+    state = json.loads((partial / "state.json").read_text())
+    assert state["frames_done"] == 8 and state["num_read"] == 8
+    kept = sorted(n for n in os.listdir(partial) if n.endswith(".png"))
+    assert kept == sorted({f"frame_{m['index']:09d}.png" for m in state["matches"]})
+    monkeypatch.undo()
+
+    seen = _record_frames(monkeypatch)
+    assert main(video_search + ["--out", str(out)]) == 0
+    assert seen == list(range(8, 20))  # continued after the saved frames, nothing redone
+    assert json.loads((out / "results.json").read_text()) == expected
+    assert sorted(os.listdir(out / "report")) == sorted(os.listdir(ref / "report"))
+    for name in os.listdir(ref / "report"):  # the same frames drawn (kept losslessly)
+        if name.endswith(".jpg"):
+            assert (out / "report" / name).read_bytes() == (ref / "report" / name).read_bytes()
+    assert not partial.exists()
+
+
+def test_progress_of_another_search_is_not_reused(video_search, tmp_path, monkeypatch):
+    from qeeps_d2.search.cli import main
+    out = tmp_path / "out"
+    _record_frames(monkeypatch, stop_after=6)
+    assert main(video_search + ["--out", str(out)]) == 130
+    monkeypatch.undo()
+    seen = _record_frames(monkeypatch)
+    other_box = [a if a != "10,8,40,60" else "12,8,40,60" for a in video_search]
+    assert main(other_box + ["--out", str(out)]) == 0
+    assert seen == list(range(20))
+    assert not (tmp_path / ".out.partial").exists()

@@ -4,7 +4,7 @@
 
     qeeps-search --config C --weights W --query IMG --box x1,y1,x2,y2 --gallery DIR|VIDEO
                  [--topk 10] [--every 1] [--out output/search] [--device cpu|cuda]
-                 [--batch-size 4] [--cascade-topk K]
+                 [--batch-size 4] [--cascade-topk K] [--save-every 200]
     qeeps-search --config C --weights W --query-crop CROP --gallery DIR|VIDEO ...
 
 Shows a progress bar over the gallery frames (with ETA when the frame count is known), prints
@@ -24,6 +24,11 @@ config, an unknown device, bad options) print one line on stderr and exit with s
 ``--cascade-topk K`` (query-guided models): every frame runs once query-agnostically, then only
 the K best frames run as (query, frame) pairs; matches of the other frames keep their
 first-stage similarity minus 3 (below -1, ranked after every re-scored match).
+
+Long galleries: frames are streamed (memory stays flat) and, without ``--cascade-topk``, the
+progress is saved every ``--save-every`` frames in ``.OUT.partial/`` beside OUT
+(``qeeps_d2.search.progress``); after Ctrl-C (exit status 130), a kill or a crash, running the
+same command again continues from the last save and gives the results of an uninterrupted run.
 """
 from __future__ import annotations
 
@@ -39,6 +44,7 @@ import cv2
 
 from ..checkpoint import CheckpointError
 from .gallery import count_gallery, iter_gallery, read_image_bgr
+from .progress import SearchInterrupted, discard_progress, file_signature, resumable_search
 from .render import QUERY_COLOUR, draw_matches, match_strip, write_html_report
 from .searcher import Match, PersonSearcher
 from ..utils.cli import ArgumentParser, UsageError, run_cli
@@ -60,6 +66,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="output/search", help="output folder (default output/search)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if any)")
     p.add_argument("--batch-size", type=int, default=4, help="frames per forward (default 4)")
+    p.add_argument("--save-every", type=int, default=200,
+                   help="save the progress every N frames, so that an interrupted search "
+                        "continues when the same command is run again (default 200)")
     p.add_argument("--cascade-topk", type=int, default=0,
                    help="query-guided models: run every frame once query-agnostically, then "
                         "re-score only the best K frames as pairs (default 0: every frame as a "
@@ -92,7 +101,7 @@ def _query(args):
 
 
 def _check_options(args) -> None:
-    for name in ("topk", "every", "batch_size"):
+    for name in ("topk", "every", "batch_size", "save_every"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.cascade_topk < 0:
@@ -102,7 +111,7 @@ def _check_options(args) -> None:
         raise UsageError(f"--out {args.out} exists and is not a folder")
 
 
-def _results(args, query_path, box, is_crop, searcher, gallery, matches) -> dict:
+def _results(args, query_path, box, is_crop, searcher, num_read, skipped, matches) -> dict:
     cfg = searcher.cfg
     return {
         "query": {"image": query_path, "box": box, "crop": is_crop},
@@ -110,7 +119,7 @@ def _results(args, query_path, box, is_crop, searcher, gallery, matches) -> dict
                   "query_guided": searcher.query_guided, "device": cfg.MODEL.DEVICE,
                   "det_thresh": searcher.det_thresh, "cascade_topk": args.cascade_topk},
         "gallery": {"path": args.gallery, "every": args.every,
-                    "frames_searched": gallery.num_read, "skipped": list(gallery.skipped)},
+                    "frames_searched": num_read, "skipped": list(skipped)},
         "matches": [
             {"rank": r, "frame": m.frame, "index": m.index,
              "box": [round(v, 2) for v in m.box], "det_score": m.det_score,
@@ -181,12 +190,23 @@ def _run(args) -> List[str]:
     query_path, query_image, box, is_crop = _query(args)
     gallery = iter_gallery(args.gallery, args.every)
     searcher = PersonSearcher.from_config(args.config, args.weights, device=args.device)
-    matches = searcher.search(query_path, box, gallery, topk=args.topk,
-                              batch_size=args.batch_size, progress=True,
-                              total=count_gallery(args.gallery, args.every), keep_frames=True,
-                              cascade_topk=args.cascade_topk or None)
-    results = _results(args, query_path, box, is_crop, searcher, gallery, matches)
     out = os.path.abspath(args.out)
+    progress_dir = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.partial")
+    if args.cascade_topk:  # two passes over the gallery: not continued after an interruption
+        matches = searcher.search(query_path, box, gallery, topk=args.topk,
+                                  batch_size=args.batch_size, progress=True,
+                                  total=count_gallery(args.gallery, args.every), keep_frames=True,
+                                  cascade_topk=args.cascade_topk)
+        num_read, skipped = gallery.num_read, list(gallery.skipped)
+    else:
+        signature = {"config": file_signature(args.config), "weights": file_signature(args.weights),
+                     "query": file_signature(query_path), "box": box, "crop": is_crop,
+                     "gallery": file_signature(args.gallery), "every": args.every,
+                     "topk": args.topk}
+        found = resumable_search(searcher, query_path, box, args.gallery, progress_dir, signature,
+                                 args.every, args.topk, args.batch_size, args.save_every)
+        matches, num_read, skipped = found.matches, found.num_read, found.skipped
+    results = _results(args, query_path, box, is_crop, searcher, num_read, skipped, matches)
     title = f"qeeps-search: {os.path.basename(query_path)} in {args.gallery}"
 
     def write(tmp):
@@ -195,16 +215,23 @@ def _run(args) -> List[str]:
         _write_report(os.path.join(tmp, "report"), query_image, box, matches, title)
 
     _publish(out, write)
+    discard_progress(progress_dir)
     mode = "query-guided (pairs)" if searcher.query_guided else "query-agnostic"
     if args.cascade_topk:
         mode = f"cascade: query-agnostic, then the best {args.cascade_topk} frames as pairs"
-    return [f"{gallery.num_read} frames searched ({mode}), {len(gallery.skipped)} skipped; "
+    return [f"{num_read} frames searched ({mode}), {len(skipped)} skipped; "
             f"results in {args.out}"] + _table(matches)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of ``qeeps-search``; returns the exit status (0 ok, 2 user error)."""
-    return run_cli("qeeps-search", _parser(), _run, argv, user_errors=(ValueError, OSError, CheckpointError))
+    """Entry point of ``qeeps-search``; returns the exit status (0 ok, 2 user error,
+    130 interrupted with Ctrl-C: the progress is kept, the same command continues)."""
+    try:
+        return run_cli("qeeps-search", _parser(), _run, argv,
+                       user_errors=(ValueError, OSError, CheckpointError))
+    except SearchInterrupted as e:
+        print(f"qeeps-search: {e}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
