@@ -193,3 +193,22 @@ def test_backbone_without_qsse_has_no_qsse_and_rejects_unknown_stage():
     cfg.MODEL.QEEPS.QSSE.STAGES = ["res4", "res5"]
     with pytest.raises(ValueError, match="res5"):
         build_qsse_resnet_backbone(cfg, ShapeSpec(channels=3))
+
+
+def test_fast_pool_stem_equals_stock_stem_and_its_gradient():
+    from detectron2.modeling.backbone.resnet import BasicStem
+
+    from qeeps_d2.modeling.qsse import FastPoolStem
+
+    torch.manual_seed(0)
+    stock = BasicStem(3, 8, norm="BN").train()
+    fast = FastPoolStem(3, 8, norm="BN").train()
+    fast.load_state_dict(stock.state_dict())
+    x = torch.randn(2, 3, 37, 50, requires_grad=True)
+    y_stock, y_fast = stock(x), fast(x)
+    assert y_fast.shape == (2, 8, 10, 13) and y_fast.is_contiguous()
+    assert torch.equal(y_stock, y_fast)
+    g = torch.randn_like(y_stock)
+    (gx_stock,) = torch.autograd.grad(y_stock, x, g)
+    (gx_fast,) = torch.autograd.grad(fast(x), x, g)
+    assert torch.allclose(gx_stock, gx_fast, atol=1e-6)

