@@ -211,7 +211,10 @@ class QEEPSROIHeads(Res5ROIHeads):
             )
             labels = fg & _cat_field(proposals, "gt_is_query", 0).bool()
             logits = self.qsimnet(query_embeds[image_index], embeds)
-            losses["loss_sim"] = F.cross_entropy(logits, labels.long())
+            # no ROI at all (no proposal survived and no person to add): a zero, not the NaN
+            # of a mean over nothing
+            losses["loss_sim"] = (F.cross_entropy(logits, labels.long()) if len(logits)
+                                  else logits.sum() * 0.0)
         return losses
 
     def _inference(self, predictions, embeds, proposals, query_embeds) -> List[Instances]:
