@@ -8,10 +8,16 @@ random weights on synthetic inputs and measures, median of ``--runs`` runs after
 - QEEPS: training step (``--batch`` pairs), inference per (query, gallery) pair with 1 and with
   ``--batch`` gallery images per forward pass;
 - peak host RSS (and peak device memory on CUDA);
-- the dense fp32 matmul rate of the machine, measured in the same run, for reference.
+- achieved GFLOP/s of pair inference (FLOPs = 2 x the multiply-accumulates fvcore counts on
+  the same inputs) next to the dense fp32 matmul rate of the machine measured in the same run.
 
-Detection heads do data-dependent work (NMS, number of detections), so random weights are
-"settled" by a few training steps on the synthetic boxes first. Prints a table and writes JSON.
+Weights are random. A random R-50 with frozen BatchNorm (the paper configs) has exploding
+activations, which makes RPN boxes degenerate: the proposal budget would not be filled and the
+res5 head would run on a handful of boxes. So frozen-BN models are built with BatchNorm,
+calibrated (running statistics of a few forward passes on the synthetic inputs) and then frozen:
+the same architecture and cost, with sane activations. The timed optimizer steps use learning
+rate 0 (the same computation, weights unchanged). The rows report the proposals per image the
+inference actually used. Prints a table and writes JSON.
 
     python benchmarks/run.py --sizes synthps r50_600 --out output/bench.json
 """
@@ -28,8 +34,10 @@ import time
 
 import torch
 
+from detectron2.layers import FrozenBatchNorm2d
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
+from detectron2.utils.analysis import FlopCountAnalysis
 from detectron2.utils.events import EventStorage
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -77,6 +85,20 @@ def _inputs(hw, n, pairs, train, gen):
     return out
 
 
+def _precision(args):
+    """Context of the forward passes: fp32 (TF32 off), tf32 (CUDA TF32 matmuls/convs) or bf16
+    (CUDA autocast)."""
+    import contextlib
+
+    tf32 = args.precision == "tf32"
+    if args.device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32
+    if args.precision == "bf16":
+        return torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def _time(fn, runs, warmup, device):
     for _ in range(warmup):
         fn()
@@ -92,11 +114,47 @@ def _time(fn, runs, warmup, device):
     return statistics.median(times)
 
 
-def matmul_gflops(device, n=2048, runs=5):
-    a = torch.randn(n, n, device=device)
-    b = torch.randn(n, n, device=device)
+def count_gflop(model, inputs) -> float:
+    """GFLOP of one inference forward on ``inputs`` (2 x fvcore's multiply-accumulates)."""
+    with torch.no_grad():
+        analysis = FlopCountAnalysis(model, inputs)
+        analysis.unsupported_ops_warnings(False)
+        analysis.uncalled_modules_warnings(False)
+        return 2 * analysis.total() / 1e9
+
+
+def matmul_gflops(device, n=2048, runs=5, dtype=torch.float32):
+    """Dense matmul rate (GFLOP/s) of ``n x n`` matrices of ``dtype`` (TF32 as currently set)."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
     sec = _time(lambda: a @ b, runs, 2, device)
     return 2 * n ** 3 / sec / 1e9
+
+
+def _build(cfg, calib_inputs):
+    """build_model; frozen-BN models get calibrated statistics (see the module docstring)."""
+    if cfg.MODEL.RESNETS.NORM != "FrozenBN":
+        return build_model(cfg)
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.MODEL.RESNETS.NORM = "BN"
+    model = build_model(cfg)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = None  # cumulative average over the calibration passes
+    model.train()
+    with torch.no_grad(), EventStorage():
+        for _ in range(3):
+            model(calib_inputs)
+    return FrozenBatchNorm2d.convert_frozen_batchnorm(model)
+
+
+def _num_proposals(model, inputs) -> float:
+    """Mean number of proposals per gallery image in an inference pass."""
+    model.eval()
+    with torch.no_grad():
+        outputs = model(inputs)
+    return sum(len(o["proposal_boxes"]) for o in outputs) / len(outputs)
 
 
 def bench_size(size, args):
@@ -106,12 +164,12 @@ def bench_size(size, args):
     for qeeps in (False, True):
         torch.manual_seed(0)
         cfg = _cfg(size, qeeps, args.device)
-        model = build_model(cfg)
-        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4)
         train_batch = _inputs(hw, args.batch, qeeps, True, gen)
+        model = _build(cfg, train_batch)
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
 
         def step():
-            with EventStorage():
+            with EventStorage(), _precision(args):
                 loss = sum(model(train_batch).values())
             opt.zero_grad()
             loss.backward()
@@ -121,23 +179,75 @@ def bench_size(size, args):
         name = "qeeps" if qeeps else "oim"
         row[f"{name}_train_step_s"] = _time(step, args.runs, args.warmup, args.device)
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), _precision(args):
             if qeeps:
                 for b in (1, args.batch):
                     pairs = _inputs(hw, b, True, False, gen)
                     row[f"qeeps_pair_s_b{b}"] = _time(
                         lambda: model(pairs), args.runs, args.warmup, args.device) / b
+                row["qeeps_pair_gflop"] = count_gflop(model, pairs) / args.batch
+                row["qeeps_proposals"] = _num_proposals(model, pairs)
             else:
                 images = _inputs(hw, args.batch, False, False, gen)
                 row["oim_gallery_image_s"] = _time(
                     lambda: model(images), args.runs, args.warmup, args.device) / args.batch
+                row["oim_gallery_image_gflop"] = count_gflop(model, images) / args.batch
+                row["oim_proposals"] = _num_proposals(model, images)
                 queries = [{**x, "query_box": torch.tensor([10.0, 10, 60, 150])} for x in images]
                 row["oim_query_box_s"] = _time(
                     lambda: model(queries), args.runs, args.warmup, args.device) / args.batch
         del model, opt
+        # ru_maxrss only grows: with sizes run small to large this is each size's own peak
+        row["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        if args.device.startswith("cuda"):
+            row["peak_device_mib"] = torch.cuda.max_memory_allocated() / 2 ** 20
+            torch.cuda.reset_peak_memory_stats()
+    return derive(row, args.batch)
+
+
+def derive(row, batch):
+    """Ratios of a measured row: training step QEEPS / OIM, per pair (at the faster of B=1 and
+    B=batch gallery images per forward, ``best_b``) / OIM per gallery image, and the GFLOP/s of
+    pair inference at that B."""
     row["train_ratio"] = row["qeeps_train_step_s"] / row["oim_train_step_s"]
-    row["pair_vs_gallery_image"] = row[f"qeeps_pair_s_b{args.batch}"] / row["oim_gallery_image_s"]
+    best_b = min((1, batch), key=lambda b: row[f"qeeps_pair_s_b{b}"])
+    row["best_b"] = best_b
+    row["pair_vs_gallery_image"] = row[f"qeeps_pair_s_b{best_b}"] / row["oim_gallery_image_s"]
+    row["qeeps_pair_gflops"] = row["qeeps_pair_gflop"] / row[f"qeeps_pair_s_b{best_b}"]
     return row
+
+
+def format_table(info, rows, args) -> str:
+    """The markdown table of the README (one row per size)."""
+    b = args.batch
+    peak = "peak RSS" + (" / device" if args.device.startswith("cuda") else "")
+    lines = [
+        f"{info['device']} ({info.get('gpu', info['cpu'])}), {info['precision']}, "
+        f"{info['threads']} threads, "
+        f"dense {'bf16' if args.precision == 'bf16' else 'fp32'} matmul "
+        f"{info['matmul_fp32_gflops']:.0f} GFLOP/s; median of {args.runs} "
+        f"runs after {args.warmup} warm-up, batch {b}",
+        "",
+        f"| size | OIM train step | QEEPS train step | ratio | OIM / gallery image | "
+        f"OIM / query box | QEEPS / pair (B=1) | QEEPS / pair (B={b}) | pair / image | "
+        f"image / pair GFLOP | pair GFLOP/s (% of matmul) | proposals | {peak} |",
+        "|" + "---|" * 13,
+    ]
+    for r in rows:
+        mem = f"{r['peak_rss_mib']:.0f} MiB"
+        if "peak_device_mib" in r:
+            mem += f" / {r['peak_device_mib']:.0f} MiB"
+        lines.append(
+            f"| {r['size']} {r['input_hw'][0]}x{r['input_hw'][1]} | {r['oim_train_step_s']:.2f} s"
+            f" | {r['qeeps_train_step_s']:.2f} s | {r['train_ratio']:.2f} | "
+            f"{r['oim_gallery_image_s']:.3f} s | {r['oim_query_box_s']:.3f} s | "
+            f"{r['qeeps_pair_s_b1']:.3f} s | {r[f'qeeps_pair_s_b{b}']:.3f} s | "
+            f"{r['pair_vs_gallery_image']:.2f} (B={r['best_b']}) | "
+            f"{r['oim_gallery_image_gflop']:.0f} / "
+            f"{r['qeeps_pair_gflop']:.0f} | {r['qeeps_pair_gflops']:.0f} "
+            f"({100 * r['qeeps_pair_gflops'] / info['matmul_fp32_gflops']:.0f}%) | "
+            f"{r['oim_proposals']:.0f} / {r['qeeps_proposals']:.0f} | {mem} |")
+    return "\n".join(lines)
 
 
 def main(argv=None):
@@ -147,33 +257,33 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=2, help="images / pairs per step")
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "tf32", "bf16"],
+                        help="tf32 / bf16 (autocast) apply on CUDA")
     parser.add_argument("--out", default="output/bench.json")
+    parser.add_argument("--table", metavar="JSON",
+                        help="only print the table of an earlier run's JSON file")
     args = parser.parse_args(argv)
-    info = {"device": args.device, "threads": torch.get_num_threads(),
+    if args.table:
+        with open(args.table) as f:
+            saved = json.load(f)
+        args = argparse.Namespace(**saved["args"])
+        print(format_table(saved["info"], [derive(r, args.batch) for r in saved["rows"]], args))
+        return 0
+    if args.precision != "fp32" and not args.device.startswith("cuda"):
+        parser.error("--precision tf32 / bf16 need --device cuda")
+    _precision(args)  # sets the TF32 switches for the matmul reference too
+    info = {"device": args.device, "precision": args.precision, "threads": torch.get_num_threads(),
             "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
-            "matmul_fp32_gflops": matmul_gflops(args.device)}
+            "matmul_fp32_gflops": matmul_gflops(
+                args.device, n=2048 if args.device == "cpu" else 8192,
+                dtype=torch.bfloat16 if args.precision == "bf16" else torch.float32)}
     if args.device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name()
     rows = []
     for size in args.sizes:
         rows.append(bench_size(size, args))
         print(json.dumps(rows[-1]), flush=True)
-    info["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    if args.device.startswith("cuda"):
-        info["peak_device_mib"] = torch.cuda.max_memory_allocated() / 2 ** 20
-    print(f"\n{info['device']}, {info['threads']} threads, fp32 matmul "
-          f"{info['matmul_fp32_gflops']:.0f} GFLOP/s, peak RSS {info['peak_rss_mib']:.0f} MiB; "
-          f"median of {args.runs} runs, batch {args.batch}")
-    b = args.batch
-    print(f"| size | OIM train step | QEEPS train step | ratio | OIM / gallery image | "
-          f"OIM / query box | QEEPS / pair (B=1) | QEEPS / pair (B={b}) | pair / image |")
-    print("|" + "---|" * 9)
-    for r in rows:
-        print(f"| {r['size']} {r['input_hw'][0]}x{r['input_hw'][1]} | {r['oim_train_step_s']:.2f} s"
-              f" | {r['qeeps_train_step_s']:.2f} s | {r['train_ratio']:.2f} | "
-              f"{r['oim_gallery_image_s']:.3f} s | {r['oim_query_box_s']:.3f} s | "
-              f"{r['qeeps_pair_s_b1']:.3f} s | {r[f'qeeps_pair_s_b{b}']:.3f} s | "
-              f"{r['pair_vs_gallery_image']:.2f} |")
+    print(format_table(info, rows, args))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"info": info, "rows": rows, "args": vars(args)}, f, indent=1)

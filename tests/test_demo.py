@@ -1,4 +1,5 @@
 """The demo pipeline at a minimal size: tiny SynthPS, one iteration per model, the report."""
+import json
 import os
 
 import pytest
@@ -43,7 +44,10 @@ def test_demo_end_to_end_at_minimal_size(tmp_path, monkeypatch, capsys):
     out = tmp_path / "demo"
     assert demo.main(["--out", str(out), "--queries", "2", *TINY]) == 0
     printed = capsys.readouterr().out
-    assert "| OIM |" in printed and "| QEEPS |" in printed and "QEEPS - OIM" in printed
+    assert "| OIM |" in printed and "| QEEPS (cascade, K=10) |" in printed
+    assert "QEEPS - OIM" in printed
+    metrics = out / "qeeps" / "eval_G100_cascade10" / "inference" / "synthps_test_metrics.json"
+    assert json.loads(metrics.read_text())["mode"] == "cascade"
     report = out / "report.html"
     html = report.read_text()
     assert html.count("<img") == 2 and "Query" in html
@@ -53,3 +57,7 @@ def test_demo_end_to_end_at_minimal_size(tmp_path, monkeypatch, capsys):
     mtime = os.path.getmtime(out / "oim" / "model_final.pth")
     assert demo.main(["--out", str(out), "--queries", "1", *TINY]) == 0
     assert os.path.getmtime(out / "oim" / "model_final.pth") == mtime
+    # exhaustive evaluation is a separate result, not the cascade one reused
+    assert demo.main(["--out", str(out), "--queries", "1", "--cascade-topk", "0", *TINY]) == 0
+    assert "| QEEPS |" in capsys.readouterr().out
+    assert (out / "qeeps" / "eval_G100" / "inference" / "synthps_test_metrics.json").is_file()

@@ -74,7 +74,10 @@ def run_config(config: str, gallery_sizes: Sequence[int], opts: Sequence[str] = 
         timing["train_s"] = _train_net(
             ["--config-file", config, *resume, *opts, "DATASETS.TEST", "()"], log, echo)
     dataset = cfg.DATASETS.TEST[0]
-    eval_dir = os.path.join(out, f"eval_G{sizes[-1]}")
+    from qeeps_d2.data.build import uses_pairs
+
+    cascade = cfg.TEST.PERSON_SEARCH.CASCADE_TOPK if uses_pairs(cfg) else 0
+    eval_dir = os.path.join(out, f"eval_G{sizes[-1]}" + (f"_cascade{cascade}" if cascade else ""))
     metrics_path = os.path.join(eval_dir, "inference", f"{dataset}_metrics.json")
     if not os.path.exists(metrics_path):
         timing["eval_s"] = _train_net(
@@ -93,7 +96,7 @@ def run_config(config: str, gallery_sizes: Sequence[int], opts: Sequence[str] = 
     row = {"config": os.path.relpath(config, REPO), "output_dir": out,
            "iters": int(iters.group(1)) if iters else cfg.SOLVER.MAX_ITER, **timing,
            "recall": metrics.get("proposal_recall"), "plain_recall": metrics.get("plain_proposal_recall"),
-           "num_queries": len(detections), "results": results_path}
+           "num_queries": len(detections), "results": results_path, "cascade_topk": cascade}
     for size in sizes:
         protocol = load_protocol(dataset, size)
         for i in detections:
