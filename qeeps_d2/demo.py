@@ -150,8 +150,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         rows.append(run_config(os.path.join(REPO, config), GALLERY_SIZES, opts,
                                echo=lambda line, l=label: _say(f"  {l}: {line}")))
         rows[-1]["config"] = label
-        if label == "QEEPS" and args.cascade_topk > 0:
-            rows[-1]["config"] = f"QEEPS (cascade, K={args.cascade_topk})"
 
     _say("4/4 report")
     report = _report(args.out, rows, args.queries)

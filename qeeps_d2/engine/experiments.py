@@ -110,7 +110,8 @@ def run_config(config: str, gallery_sizes: Sequence[int], opts: Sequence[str] = 
 
 
 def format_table(rows: List[Dict], gallery_sizes: Sequence[int]) -> str:
-    """Markdown table: mAP / top-1 per gallery size, detector recall, iterations and times."""
+    """Markdown table: mAP / top-1 per gallery size, detector recall, iterations and times;
+    cascade evaluations are labelled with their K."""
     sizes = sorted(gallery_sizes)
     head = ["config"] + [f"{m} G{s}" for s in sizes for m in ("mAP", "top-1")] + [
         "recall", "iters", "train (min)", "eval (min)"]
@@ -119,7 +120,8 @@ def format_table(rows: List[Dict], gallery_sizes: Sequence[int]) -> str:
         recall = "-" if r["recall"] is None else f"{r['recall']:.1f}"
         if r["plain_recall"] is not None and r["plain_recall"] != r["recall"]:
             recall += f" (RPN alone {r['plain_recall']:.1f})"
-        cells = [r["config"]] + [f"{r[f'{m}@{s}']:.1f}" for s in sizes for m in ("mAP", "top1")]
+        label = r["config"] + (f" (cascade, K={r['cascade_topk']})" if r.get("cascade_topk") else "")
+        cells = [label] + [f"{r[f'{m}@{s}']:.1f}" for s in sizes for m in ("mAP", "top1")]
         cells += [recall, str(r["iters"])]
         cells += [f"{r[k] / 60:.1f}" if k in r else "-" for k in ("train_s", "eval_s")]
         lines.append("| " + " | ".join(cells) + " |")
