@@ -11,7 +11,6 @@ import os
 
 import torch
 from detectron2.modeling import build_model
-from detectron2.utils.events import EventStorage
 
 import model_fixtures
 from qeeps_d2.engine import Trainer
@@ -42,16 +41,7 @@ def guided_model():
     model = build_model(eval_cfg(True, 0, ""))
     model_fixtures.fill_oim_lut(model)
     model_fixtures.settle_batchnorm(model, model_fixtures.pair_inputs())
-    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    momenta = [m.momentum for m in norms]
-    for m in norms:
-        m.momentum = 0.5
-    model.train()
-    with torch.no_grad(), EventStorage():
-        model(model_fixtures.scene_inputs())
-    for m, momentum in zip(norms, momenta):
-        m.momentum = momentum
-    return model.eval()
+    return model_fixtures.settle_batchnorm(model, model_fixtures.scene_inputs(), momentum=0.5)
 
 
 def read_results(output_dir: str) -> dict:

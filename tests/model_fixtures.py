@@ -90,16 +90,17 @@ def fill_oim_lut(model, seed=0):
         oim.lut.copy_(torch.nn.functional.normalize(torch.randn(oim.lut.shape, generator=g), dim=1))
 
 
-def settle_batchnorm(model, inputs):
+def settle_batchnorm(model, inputs, momentum: float = 1.0):
     """Set every BatchNorm's running statistics to those of one training forward on ``inputs``
     (which need ``instances``), so that the randomly initialised model gives normalised
-    activations, hence non-degenerate detections, in eval mode. Leaves the model in eval mode."""
+    activations, hence non-degenerate detections, in eval mode (``momentum`` < 1 blends them
+    with the current statistics). Leaves the model in eval mode."""
     from detectron2.utils.events import EventStorage
 
     norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     momenta = [m.momentum for m in norms]
     for m in norms:
-        m.momentum = 1.0
+        m.momentum = momentum
     model.train()
     with torch.no_grad(), EventStorage():
         model(inputs)
