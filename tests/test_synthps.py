@@ -185,3 +185,47 @@ def test_cli_generates_then_reports(tmp_path, capsys):
     second = capsys.readouterr().out
     assert "already present" in second and "boxes" in second
     assert synthps_stats(root)["boxes"] == 3 * 57
+
+
+def test_appearances_per_id_bounds_every_identity(tmp_path):
+    root = str(tmp_path / "synthps")
+    generate_synthps(root, seed=5, **{**TINY, "appearances_per_id": (3, 3)})
+    train, test = load_cuhk_sysu(root, "train"), load_cuhk_sysu(root, "test")
+    counts = Counter(a["person_id"] for d in train for a in d["annotations"] if a["person_id"] >= 0)
+    assert sorted(counts.values()) == [3, 3, 3, 3]
+    protocol = load_cuhk_sysu_protocol(root, 50)
+    for query in protocol.queries:  # the query's own appearance + 2 positives in its gallery
+        assert int((~np.isnan(protocol.gallery(query.index).gt_boxes[:, 0])).sum()) == 2
+    with pytest.raises(ValueError, match="appearances_per_id"):
+        generate_synthps(root, **{**TINY, "appearances_per_id": (1, 3)})
+
+
+def test_ensure_warns_about_or_replaces_a_differently_generated_data_set(tmp_path, caplog):
+    root = str(tmp_path / "synthps")
+    ensure_synthps(root, seed=1, **TINY)
+    assert synthps.knob_differences(root, seed=1, **TINY) == []
+    assert synthps.knob_differences(root, seed=1, **{**TINY, "illumination": 0.5}) == [
+        "illumination: 1.0 here, 0.5 asked"]
+    with caplog.at_level("WARNING", logger=synthps.logger.name):
+        ensure_synthps(root, seed=1, **{**TINY, "illumination": 0.5})
+    assert "illumination: 1.0 here, 0.5 asked" in caplog.text
+    assert synthps.knob_differences(root, seed=1, **TINY) == []  # kept as it was
+    ensure_synthps(root, seed=2, replace_different=True, **{**TINY, "illumination": 0.5})
+    assert synthps.knob_differences(root, seed=2, **{**TINY, "illumination": 0.5}) == []
+    assert synthps_stats(root)["seed"] == 2
+
+
+def test_data_sets_from_before_the_appearances_knob_count_as_two_to_six(tmp_path):
+    import json
+
+    root = str(tmp_path / "synthps")
+    generate_synthps(root, seed=1, **{**TINY, "appearances_per_id": (2, 6)})
+    path = os.path.join(root, synthps.META_FILE)
+    with open(path) as f:
+        meta = json.load(f)
+    del meta["knobs"]["appearances_per_id"]
+    with open(path, "w") as f:
+        json.dump(meta, f)
+    assert synthps.knob_differences(root, seed=1, **{**TINY, "appearances_per_id": (2, 6)}) == []
+    assert synthps.knob_differences(root, seed=1, **{**TINY, "appearances_per_id": (4, 10)}) == [
+        "appearances_per_id: [2, 6] here, [4, 10] asked"]

@@ -52,7 +52,7 @@ from .synthps_render import (
     sample_pose,
 )
 
-__all__ = ["DEFAULT_KNOBS", "generate_synthps", "ensure_synthps", "synthps_stats",
+__all__ = ["DEFAULT_KNOBS", "generate_synthps", "ensure_synthps", "knob_differences", "synthps_stats",
            "format_synthps_stats", "main"]
 
 logger = logging.getLogger(__name__)
@@ -69,6 +69,7 @@ DEFAULT_KNOBS = {
     "test_images": 200,             # test (pool) scene images
     "image_size": (360, 240),       # (width, height) in pixels
     "persons_per_image": (3, 7),    # inclusive range of people per image
+    "appearances_per_id": (2, 6),   # inclusive range of images each identity appears in
     "lookalike_fraction": 0.3,      # fraction of identities in look-alike groups
     "occlusion_rate": 0.3,          # chance that a person is occluded (object, person, border)
     "illumination": 1.0,            # strength of illumination gain / colour cast (0 = none)
@@ -92,6 +93,7 @@ def _check_knobs(knobs: Dict) -> Dict:
     k = {**DEFAULT_KNOBS, **knobs}
     k["image_size"] = tuple(int(v) for v in k["image_size"])
     k["persons_per_image"] = tuple(int(v) for v in k["persons_per_image"])
+    k["appearances_per_id"] = tuple(int(v) for v in k["appearances_per_id"])
     k["gallery_sizes"] = tuple(sorted(int(v) for v in k["gallery_sizes"]))
     width, height = k["image_size"]
     lo, hi = k["persons_per_image"]
@@ -99,6 +101,9 @@ def _check_knobs(knobs: Dict) -> Dict:
         raise ValueError(f"image_size must be at least 64x64, got {width}x{height}")
     if not 2 <= lo <= hi:
         raise ValueError(f"persons_per_image must satisfy 2 <= min <= max, got {(lo, hi)}")
+    lo, hi = k["appearances_per_id"]
+    if not 2 <= lo <= hi:
+        raise ValueError(f"appearances_per_id must satisfy 2 <= min <= max, got {(lo, hi)}")
     for name in ("num_train_ids", "num_test_ids", "train_images", "test_images"):
         if int(k[name]) < 1:
             raise ValueError(f"{name} must be >= 1, got {k[name]}")
@@ -138,16 +143,19 @@ def _sample_identities(rng: np.random.Generator, count: int, lookalike_fraction:
 
 
 def _allocate(rng: np.random.Generator, num_ids: int, images: Sequence[int],
-              capacity: np.ndarray, split: str) -> List[List[int]]:
-    """Chooses the images each identity appears in (2..6 distinct images, at most one
-    appearance per image), using at most ``capacity[i]`` labeled slots of image ``i``.
+              capacity: np.ndarray, split: str, appearances: Tuple[int, int]
+              ) -> List[List[int]]:
+    """Chooses the images each identity appears in (``lo + Poisson(3/8 (hi - lo))`` distinct
+    images, at most ``hi``, for ``appearances = (lo, hi)``; at most one appearance per image),
+    using at most ``capacity[i]`` labeled slots of image ``i``.
 
     Returns, per identity, the sorted image indices. Raises ValueError when the images lack room.
     """
     images = np.asarray(images)
     result = []
     for identity in range(num_ids):
-        wanted = int(min(2 + rng.poisson(1.5), 6))
+        lo, hi = appearances
+        wanted = int(min(lo + rng.poisson(0.375 * (hi - lo)), hi))
         free = images[capacity[images] > 0]
         if len(free) < 2:
             raise ValueError(f"SynthPS {split}: not enough images / persons per image for "
@@ -275,6 +283,7 @@ def generate_synthps(root: str, seed: int = 0, **knobs) -> Dict:
         seed: the generation seed; the same seed and knobs give byte-identical files.
         knobs: any of ``DEFAULT_KNOBS``: ``num_train_ids``, ``num_test_ids``, ``train_images``,
             ``test_images``, ``image_size`` (W, H), ``persons_per_image`` (min, max),
+            ``appearances_per_id`` (min, max),
             ``lookalike_fraction``, ``occlusion_rate``, ``illumination``, ``gallery_sizes``.
     Returns:
         the statistics dict (see :func:`synthps_stats`), also stored in ``root/synthps.json``.
@@ -298,8 +307,9 @@ def generate_synthps(root: str, seed: int = 0, **knobs) -> Dict:
     persons = rng.integers(lo, hi + 1, size=n_images)
     capacity = persons - 1  # keep at least one unlabeled person in every image
     train_images, test_images = np.flatnonzero(~is_test), np.flatnonzero(is_test)
-    where = (_allocate(rng, n_train, train_images, capacity, "train")
-             + _allocate(rng, n_test, test_images, capacity, "test"))
+    per_id = k["appearances_per_id"]
+    where = (_allocate(rng, n_train, train_images, capacity, "train", per_id)
+             + _allocate(rng, n_test, test_images, capacity, "test", per_id))
     layouts = [_ImageLayout([], []) for _ in range(n_images)]
     for identity, image_ids in enumerate(where):
         for i in image_ids:
@@ -383,8 +393,32 @@ def _is_complete(root: str) -> bool:
     return os.path.isfile(os.path.join(root, "annotation", "Images.mat"))
 
 
-def ensure_synthps(root: str, seed: int = 0, force: bool = False, **knobs) -> str:
+# knobs added after data sets were generated without them, with the value those data sets used
+_LEGACY_KNOBS = {"appearances_per_id": [2, 6]}
+
+
+def knob_differences(root: str, seed: int = 0, **knobs) -> List[str]:
+    """How the SynthPS data set in ``root`` differs from the one ``seed`` and ``knobs`` (the
+    defaults completed) would generate: ``["illumination: 1.0 here, 0.5 asked", ...]``, empty
+    when they match. Raises like :func:`synthps_stats` when ``root`` holds no description."""
+    synthps_stats(root)  # checks the description
+    with open(os.path.join(root, META_FILE)) as f:
+        meta = json.load(f)
+    stored = {**_LEGACY_KNOBS, **meta.get("knobs", {})}
+    asked = {name: list(v) if isinstance(v, tuple) else v for name, v in _check_knobs(knobs).items()}
+    out = [f"seed: {meta.get('seed')} here, {seed} asked"] if meta.get("seed") != seed else []
+    out += [f"{name}: {stored.get(name)} here, {value} asked" for name, value in asked.items()
+            if stored.get(name) != value]
+    return out
+
+
+def ensure_synthps(root: str, seed: int = 0, force: bool = False, replace_different: bool = False,
+                   **knobs) -> str:
     """Returns ``root`` after generating SynthPS there if it is missing (or if ``force``).
+
+    A data set already in ``root`` that was generated with another seed or other knobs (e.g.
+    by an older version with other defaults) is kept with a warning naming the differences, or
+    regenerated when ``replace_different`` is set.
 
     Generation goes to a temporary sibling folder that is renamed to ``root`` at the end, so an
     interrupted generation never leaves a half data set, and two processes racing to create the
@@ -396,7 +430,17 @@ def ensure_synthps(root: str, seed: int = 0, force: bool = False, **knobs) -> st
     """
     root = os.path.abspath(root)
     if _is_complete(root) and not force:
-        return root
+        different = knob_differences(root, seed, **knobs)
+        if not different:
+            return root
+        if not replace_different:
+            logger.warning("SynthPS in %s was generated differently from what is asked (%s); "
+                           "it is used as it is. Regenerate with: qeeps-synthps --root %s --force",
+                           root, "; ".join(different), root)
+            return root
+        logger.info("SynthPS in %s differs from what is asked (%s): regenerating",
+                    root, "; ".join(different))
+        force = True
     if os.path.exists(root) and not os.path.isdir(root):
         raise RuntimeError(f"cannot create SynthPS at {root}: it is a file, not a folder")
     if os.path.isdir(root) and os.listdir(root) and not _is_complete(root):
@@ -483,6 +527,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, nargs=2, metavar=("W", "H"), default=d["image_size"])
     p.add_argument("--persons-per-image", type=int, nargs=2, metavar=("MIN", "MAX"),
                    default=d["persons_per_image"])
+    p.add_argument("--appearances-per-id", type=int, nargs=2, metavar=("MIN", "MAX"),
+                   default=d["appearances_per_id"], help="images each identity appears in")
     p.add_argument("--lookalike-fraction", type=float, default=d["lookalike_fraction"])
     p.add_argument("--occlusion-rate", type=float, default=d["occlusion_rate"])
     p.add_argument("--illumination", type=float, default=d["illumination"])
