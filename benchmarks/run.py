@@ -115,8 +115,11 @@ def _time(fn, runs, warmup, device):
 
 
 def count_gflop(model, inputs) -> float:
-    """GFLOP of one inference forward on ``inputs`` (2 x fvcore's multiply-accumulates)."""
-    with torch.no_grad():
+    """GFLOP of one inference forward on ``inputs`` (2 x fvcore's multiply-accumulates).
+
+    Counted with autocast off: the count does not depend on the precision, and fvcore's JIT
+    trace fails under autocast (bf16 weight casts that require grad become trace constants)."""
+    with torch.no_grad(), torch.autocast(model.device.type, enabled=False):
         analysis = FlopCountAnalysis(model, inputs)
         analysis.unsupported_ops_warnings(False)
         analysis.uncalled_modules_warnings(False)

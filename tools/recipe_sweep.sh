@@ -16,9 +16,11 @@ declare -A DATA=(
   [d0]=""
   [d1]="--appearances-per-id 4 10 --illumination 0.5"
   [d2]="--appearances-per-id 4 10"
+  [d3]="--appearances-per-id 4 10 --illumination 0.25"
+  [d4]="--appearances-per-id 4 10 --illumination 0.5 --lookalike-fraction 0.15"
 )
-# runs: name data overrides
-RUNS=(
+# runs: name data overrides (ROUND=1: first sweep, ROUND=2: around its best, r2)
+RUNS1=(
   "r0 d0 "
   "r1 d0 MODEL.QEEPS.OIM.TRUNK_GRAD_SCALE 1.0"
   "r2 d1 "
@@ -27,13 +29,25 @@ RUNS=(
   "r7 d1 MODEL.QEEPS.OIM.TRUNK_GRAD_SCALE 1.0 SOLVER.IMS_PER_BATCH 8 SOLVER.BASE_LR 0.002 MODEL.QEEPS.OIM.LOSS_START_ITER 200 MODEL.QEEPS.OIM.LOSS_WARMUP_ITERS 50"
   "r8 d1 MODEL.QEEPS.OIM.TRUNK_GRAD_SCALE 1.0 SOLVER.EPOCHS 7 SOLVER.EPOCH_STEPS (6,) MODEL.QEEPS.OIM.LOSS_START_ITER 250 MODEL.QEEPS.OIM.LOSS_WARMUP_ITERS 50"
 )
+RUNS2=(
+  "s0 d1 "
+  "s1 d1 MODEL.QEEPS.OIM.TRUNK_GRAD_SCALE 0.2"
+  "s2 d1 MODEL.QEEPS.OIM.SCALAR 10.0"
+  "s3 d3 "
+  "s4 d4 "
+  "s5 d1 MODEL.QEEPS.OIM.LOSS_START_ITER 200"
+  "s6 d1 MODEL.QEEPS.OIM.TRUNK_GRAD_SCALE 0.2 MODEL.QEEPS.OIM.LOSS_START_ITER 200"
+  "s7 d1 MODEL.ROI_HEADS.POSITIVE_FRACTION 0.5"
+)
+if [ "${ROUND:-1}" = 2 ]; then RUNS=("${RUNS2[@]}"); else RUNS=("${RUNS1[@]}"); fi
 QUICK_OPTS=()
 if [ "${QUICK:-0}" = 1 ]; then
   QUICK_OPTS=(SOLVER.EPOCHS 0 SOLVER.MAX_ITER 4 SOLVER.STEPS "(3,)" MODEL.QEEPS.OIM.LOSS_START_ITER 1
               MODEL.QEEPS.OIM.LOSS_WARMUP_ITERS 1 SOLVER.WARMUP_ITERS 1)
 fi
 start=$(date +%s)
-for d in "${!DATA[@]}"; do
+USED=$(for run in "${RUNS[@]}"; do read -r _ data _ <<< "$run"; echo "$data"; done | sort -u)
+for d in $USED; do
   $PY -m qeeps_d2.data.synthps --root "$OUTDIR/data_$d/synthps" ${DATA[$d]} > "$OUTDIR/data_$d.txt" 2>&1 &
 done
 wait
