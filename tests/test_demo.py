@@ -38,7 +38,8 @@ def test_demo_end_to_end_at_minimal_size(tmp_path, monkeypatch, capsys):
     datasets = tmp_path / "datasets"
     generate_synthps(
         str(datasets / "synthps"), seed=0, num_train_ids=4, num_test_ids=3, train_images=8,
-        test_images=101, image_size=(96, 72), persons_per_image=(2, 3),
+        test_images=101, image_size=(96, 72), persons_per_image=(2, 3), appearances_per_id=(2, 6),
+        illumination=1.0,
     )
     monkeypatch.setenv("DETECTRON2_DATASETS", str(datasets))
     out = tmp_path / "demo"

@@ -20,7 +20,7 @@ from qeeps_d2.data.synthps_render import (
 )
 
 TINY = dict(num_train_ids=4, num_test_ids=3, train_images=8, test_images=51, image_size=(96, 72),
-            persons_per_image=(2, 4), gallery_sizes=(50,))
+            persons_per_image=(2, 4), appearances_per_id=(2, 6), illumination=1.0, gallery_sizes=(50,))
 
 
 @pytest.fixture(scope="module")

@@ -40,6 +40,7 @@ def datasets_root(tmp_path_factory):
     generate_synthps(
         str(root / "synthps"), seed=0, num_train_ids=4, num_test_ids=3, train_images=8,
         test_images=51, image_size=(96, 72), persons_per_image=(2, 3), gallery_sizes=(50,),
+        appearances_per_id=(2, 6), illumination=1.0,
     )
     dataset_fixtures.make_cuhk_sysu_fixture(str(root / "CUHK-SYSU"))
     dataset_fixtures.make_prw_fixture(str(root / "PRW"))

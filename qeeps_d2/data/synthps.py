@@ -3,8 +3,8 @@
 A data set is generated deterministically from a seed (numpy + OpenCV only, no torch):
 
 - identities with a persistent :class:`~qeeps_d2.data.synthps_render.Appearance` (body
-  proportions, clothing colours and textures, logo, hat, bag, skin and hair), each seen in 2..6
-  images at different scales, poses, facing directions and occlusions;
+  proportions, clothing colours and textures, logo, hat, bag, skin and hair), each seen in 4..10
+  images (``appearances_per_id``) at different scales, poses, facing directions and occlusions;
 - look-alike groups: 2..3 identities that share everything but one local attribute (logo shape,
   the pattern of one garment, or the hat), so that global colour is not enough;
 - unlabeled passers-by (random appearance, in no identity list) in every image;
@@ -69,10 +69,10 @@ DEFAULT_KNOBS = {
     "test_images": 200,             # test (pool) scene images
     "image_size": (360, 240),       # (width, height) in pixels
     "persons_per_image": (3, 7),    # inclusive range of people per image
-    "appearances_per_id": (2, 6),   # inclusive range of images each identity appears in
+    "appearances_per_id": (4, 10),  # inclusive range of images each identity appears in
     "lookalike_fraction": 0.3,      # fraction of identities in look-alike groups
     "occlusion_rate": 0.3,          # chance that a person is occluded (object, person, border)
-    "illumination": 1.0,            # strength of illumination gain / colour cast (0 = none)
+    "illumination": 0.5,            # strength of illumination gain / colour cast (0 = none)
     "gallery_sizes": (50, 100),     # TestG<N>.mat files written
 }
 
