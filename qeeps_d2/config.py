@@ -35,6 +35,11 @@ def add_qeeps_config(cfg):
     _C.MODEL.QEEPS.QSSE.STAGES = ["res2", "res3", "res4"]
     # Reduction ratio r of the excitation bottleneck (2C -> 2C/r -> C).
     _C.MODEL.QEEPS.QSSE.REDUCTION = 16
+    # Initial channel weight s of every QSSE block: 0 = PyTorch's default initialisation (s about
+    # 0.5, which halves the residuals of a network trained without QSSE); in (0, 1) = s starts
+    # there for any input (fc2 zeroed, bias logit(INIT_GATE)), so a QEEPS model fine-tuned from
+    # an OIM checkpoint starts as that model.
+    _C.MODEL.QEEPS.QSSE.INIT_GATE = 0.0
 
     # QRPN (Sec. 4.2): query-guided objectness, summed per anchor with the stock RPN's.
     _C.MODEL.QEEPS.QRPN = CN()

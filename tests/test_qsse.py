@@ -68,9 +68,10 @@ def test_excitation_matches_reference_on_random_pairs():
     assert torch.equal(s2[0], s[0]) and not torch.allclose(s2[1], s[1])
 
 
-def _block_pair(qsse_cls, stock_cls, **kwargs):
+def _block_pair(qsse_cls, stock_cls, qsse_init_gate=0.0, **kwargs):
     torch.manual_seed(1)
-    qsse_block = qsse_cls(8, 16, qsse_reduction=4, norm="BN", **kwargs)
+    qsse_block = qsse_cls(8, 16, qsse_reduction=4, qsse_init_gate=qsse_init_gate, norm="BN",
+                          **kwargs)
     stock_block = stock_cls(8, 16, norm="BN", **kwargs)
     result = stock_block.load_state_dict(qsse_block.state_dict(), strict=False)
     assert sorted(result.unexpected_keys) == sorted(
@@ -132,6 +133,34 @@ def test_freeze_keeps_qsse_trainable(qsse_cls, stock_cls, kwargs):
     assert len(list(qsse_block.qsse.parameters())) == 4
     assert isinstance(qsse_block.conv1.norm, FrozenBatchNorm2d)
     assert isinstance(qsse_block.shortcut.norm, FrozenBatchNorm2d)
+
+
+@pytest.mark.parametrize("qsse_cls,stock_cls,kwargs", BLOCKS)
+def test_init_gate_starts_every_pair_at_that_gate(qsse_cls, stock_cls, kwargs):
+    qsse_block, stock_block = _block_pair(qsse_cls, stock_cls, qsse_init_gate=0.9, **kwargs)
+    qsse_block.eval()
+    x = torch.randn(4, 8, 9, 10)
+    if qsse_cls is QSSEBottleneckBlock:
+        u = qsse_block.conv3(F.relu(qsse_block.conv2(F.relu(qsse_block.conv1(x)))))
+    else:
+        u = qsse_block.conv2(F.relu(qsse_block.conv1(x)))
+    assert torch.allclose(qsse_block.qsse(u, 2), torch.full((4, 16, 1, 1), 0.9))
+    qsse_block.num_pairs = 2
+    expected = F.relu(qsse_block.shortcut(x) + 0.9 * u)
+    assert torch.allclose(qsse_block(x), expected, atol=1e-5)
+    # the gate still learns: fc2 gets a gradient (fc1's follows once fc2 is non-zero)
+    qsse_block(x).sum().backward()
+    assert qsse_block.qsse.fc2.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="init_gate"):
+        qsse_cls(8, 16, qsse_reduction=4, qsse_init_gate=1.0, norm="BN", **kwargs)
+
+
+def test_init_gate_from_config_reaches_every_block():
+    cfg = model_fixtures.tiny_cfg(qsse=True)
+    cfg.MODEL.QEEPS.QSSE.INIT_GATE = 0.75
+    backbone = build_qsse_resnet_backbone(cfg, ShapeSpec(channels=3))
+    biases = [b.qsse.fc2.bias for b in backbone.qsse_blocks]
+    assert biases and all(torch.allclose(b, torch.full_like(b, math.log(3.0))) for b in biases)
 
 
 def _backbones(depth, stages):

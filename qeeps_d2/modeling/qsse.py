@@ -16,6 +16,7 @@ under ``<block>.qsse.*`` and stay trainable even where ``FREEZE_AT`` freezes the
 """
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from typing import List
 
@@ -43,13 +44,22 @@ class QuerySiameseExcitation(nn.Module):
     Args:
         channels: C, channels of the residual output U.
         reduction: r; the hidden layer has ``max(2C // r, 1)`` units.
+        init_gate: 0 keeps PyTorch's default initialisation (s about 0.5 at the start, which
+            halves every residual of a network trained without QSSE); a value in (0, 1) zeroes
+            ``fc2.weight`` and sets ``fc2.bias`` to logit(init_gate), so s starts at
+            ``init_gate`` for every input (close to 1: the network starts as the OIM model).
     """
 
-    def __init__(self, channels: int, reduction: int = 16):
+    def __init__(self, channels: int, reduction: int = 16, init_gate: float = 0.0):
         super().__init__()
         hidden = max(2 * channels // reduction, 1)
         self.fc1 = nn.Linear(2 * channels, hidden)
         self.fc2 = nn.Linear(hidden, channels)
+        if not 0.0 <= init_gate < 1.0:
+            raise ValueError(f"QSSE init_gate must be in [0, 1), got {init_gate}")
+        if init_gate > 0:
+            nn.init.zeros_(self.fc2.weight)
+            nn.init.constant_(self.fc2.bias, math.log(init_gate / (1.0 - init_gate)))
 
     def forward(self, u: torch.Tensor, num_pairs: int) -> torch.Tensor:
         """
@@ -71,8 +81,8 @@ class _QSSEMixin:
 
     num_pairs: int = 0
 
-    def _init_qsse(self, reduction: int):
-        self.qsse = QuerySiameseExcitation(self.out_channels, reduction)
+    def _init_qsse(self, reduction: int, init_gate: float = 0.0):
+        self.qsse = QuerySiameseExcitation(self.out_channels, reduction, init_gate)
 
     def _residual(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -100,9 +110,10 @@ class _QSSEMixin:
 class QSSEBottleneckBlock(_QSSEMixin, BottleneckBlock):
     """``BottleneckBlock`` (1x1, 3x3, 1x1) with a QSSE excitation on its residual output."""
 
-    def __init__(self, in_channels, out_channels, *, qsse_reduction: int = 16, **kwargs):
+    def __init__(self, in_channels, out_channels, *, qsse_reduction: int = 16,
+                 qsse_init_gate: float = 0.0, **kwargs):
         super().__init__(in_channels, out_channels, **kwargs)
-        self._init_qsse(qsse_reduction)
+        self._init_qsse(qsse_reduction, qsse_init_gate)
 
     def _residual(self, x):
         out = F.relu_(self.conv1(x))
@@ -113,9 +124,10 @@ class QSSEBottleneckBlock(_QSSEMixin, BottleneckBlock):
 class QSSEBasicBlock(_QSSEMixin, BasicBlock):
     """``BasicBlock`` (3x3, 3x3; ResNet-18/34) with a QSSE excitation on its residual output."""
 
-    def __init__(self, in_channels, out_channels, *, qsse_reduction: int = 16, **kwargs):
+    def __init__(self, in_channels, out_channels, *, qsse_reduction: int = 16,
+                 qsse_init_gate: float = 0.0, **kwargs):
         super().__init__(in_channels, out_channels, **kwargs)
-        self._init_qsse(qsse_reduction)
+        self._init_qsse(qsse_reduction, qsse_init_gate)
 
     def _residual(self, x):
         return self.conv2(F.relu_(self.conv1(x)))
@@ -183,6 +195,7 @@ def build_qsse_resnet_backbone(cfg, input_shape: ShapeSpec):
     qsse_on             = cfg.MODEL.QEEPS.QSSE.ENABLED
     qsse_stages         = set(cfg.MODEL.QEEPS.QSSE.STAGES)
     qsse_reduction      = cfg.MODEL.QEEPS.QSSE.REDUCTION
+    qsse_init_gate      = cfg.MODEL.QEEPS.QSSE.INIT_GATE
     # fmt: on
     if any(cfg.MODEL.RESNETS.DEFORM_ON_PER_STAGE) or cfg.MODEL.RESNETS.RES5_DILATION != 1:
         raise ValueError("QEEPS backbones support neither deformable convs nor a dilated res5")
@@ -221,6 +234,7 @@ def build_qsse_resnet_backbone(cfg, input_shape: ShapeSpec):
             stage_kargs["num_groups"] = num_groups
         if with_qsse:
             stage_kargs["qsse_reduction"] = qsse_reduction
+            stage_kargs["qsse_init_gate"] = qsse_init_gate
         stages.append(ResNet.make_stage(**stage_kargs))
         in_channels = out_channels
         out_channels *= 2
