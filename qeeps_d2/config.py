@@ -117,6 +117,10 @@ def add_qeeps_config(cfg):
     # Optimizer: "SGD" (Detectron2's, the paper's) or "ADAMW" (converges much faster when training
     # from scratch, as the CPU-sized SynthPS configs do; uses BASE_LR and WEIGHT_DECAY).
     _C.SOLVER.OPTIMIZER = "SGD"
+    # Learning-rate factor of every parameter the OIM model has too (all but the QSSE excitations,
+    # the QRPN's query excitation and head, and QSimNet) when fine-tuning a query-guided model
+    # from an OIM checkpoint; 1.0 = one learning rate for all (the paper).
+    _C.SOLVER.BASE_MODEL_LR_FACTOR = 1.0
 
     # Schedule in epochs over the training records (images, or pairs for query-guided models):
     # EPOCHS > 0 overrides SOLVER.MAX_ITER and SOLVER.STEPS, see resolve_epoch_schedule.

@@ -44,3 +44,36 @@ def test_unknown_optimizer_is_rejected():
     cfg.SOLVER.OPTIMIZER = "LAMB"
     with pytest.raises(ValueError, match="SOLVER.OPTIMIZER"):
         Trainer.build_optimizer(cfg, torch.nn.Linear(2, 2))
+
+
+def test_query_guidance_parameters_are_exactly_those_an_oim_model_lacks():
+    from detectron2.modeling import build_model
+
+    from qeeps_d2.engine.trainer import is_query_guidance_parameter
+
+    oim = {n for n, _ in build_model(model_fixtures.tiny_cfg()).named_parameters()}
+    qeeps = {n for n, _ in build_model(
+        model_fixtures.tiny_cfg(qsse=True, qrpn=True, qsimnet=True)).named_parameters()}
+    assert qeeps - oim and oim <= qeeps
+    assert {n for n in qeeps if is_query_guidance_parameter(n)} == qeeps - oim
+
+
+@pytest.mark.parametrize("optimizer", ["SGD", "ADAMW"])
+def test_base_model_lr_factor_scales_all_but_the_query_guidance_parameters(optimizer):
+    from detectron2.modeling import build_model
+
+    from qeeps_d2.engine.trainer import Trainer, is_query_guidance_parameter
+
+    cfg = model_fixtures.tiny_cfg(qsse=True, qrpn=True, qsimnet=True)
+    cfg.SOLVER.OPTIMIZER, cfg.SOLVER.BASE_LR, cfg.SOLVER.BASE_MODEL_LR_FACTOR = optimizer, 0.01, 0.1
+    model = build_model(cfg)
+    opt = Trainer.build_optimizer(cfg, model)
+    lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    assert len(lr_of) == len(named)
+    for name, p in named:
+        expected = 0.01 if is_query_guidance_parameter(name) else 0.001
+        assert lr_of[id(p)] == pytest.approx(expected), name
+    cfg.SOLVER.BASE_MODEL_LR_FACTOR = 0.0
+    with pytest.raises(ValueError, match="BASE_MODEL_LR_FACTOR"):
+        Trainer.build_optimizer(cfg, model)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 
 import torch
 
@@ -32,6 +33,16 @@ __all__ = ["Trainer", "setup_cfg", "num_train_records", "train_records"]
 logger = logging.getLogger(__name__)
 
 
+# Parameters that only a query-guided model has (QSSE excitations, the QRPN's query excitation
+# and objectness head, QSimNet): the "new layers" of a QEEPS model fine-tuned from OIM.
+_QUERY_GUIDANCE = re.compile(r"(^|\.)qsse\.|^proposal_generator\.query_|^roi_heads\.qsimnet\.")
+
+
+def is_query_guidance_parameter(name: str) -> bool:
+    """True for a parameter name of the query-guidance blocks (absent from an OIM model)."""
+    return _QUERY_GUIDANCE.search(name) is not None
+
+
 class Trainer(DefaultTrainer):
     """``DefaultTrainer`` with person-search data loaders, the person-search evaluator and the
     QEEPS checkpointer (torchvision weights, safe loading of our own checkpoints).
@@ -48,21 +59,30 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_optimizer(cls, cfg, model):
-        """Detectron2's SGD, or AdamW with the same parameter groups (``SOLVER.OPTIMIZER``)."""
+        """Detectron2's SGD (momentum, Nesterov) or AdamW (``SOLVER.OPTIMIZER``) over Detectron2's
+        parameter groups, with ``SOLVER.BASE_MODEL_LR_FACTOR`` applied to the parameters that are
+        not query-guidance parameters (:func:`is_query_guidance_parameter`)."""
         name = cfg.SOLVER.OPTIMIZER.upper()
-        if name == "SGD":
-            return super().build_optimizer(cfg, model)
-        if name != "ADAMW":
+        if name not in ("SGD", "ADAMW"):
             raise ValueError(f"SOLVER.OPTIMIZER must be SGD or ADAMW, got {cfg.SOLVER.OPTIMIZER!r}")
-        params = get_default_optimizer_params(
+        factor = cfg.SOLVER.BASE_MODEL_LR_FACTOR
+        if factor <= 0:
+            raise ValueError(f"SOLVER.BASE_MODEL_LR_FACTOR must be > 0, got {factor}")
+        groups = get_default_optimizer_params(
             model,
             base_lr=cfg.SOLVER.BASE_LR,
             weight_decay_norm=cfg.SOLVER.WEIGHT_DECAY_NORM,
             bias_lr_factor=cfg.SOLVER.BIAS_LR_FACTOR,
             weight_decay_bias=cfg.SOLVER.WEIGHT_DECAY_BIAS,
+            lr_factor_func=lambda name: 1.0 if is_query_guidance_parameter(name) else factor,
         )
-        optimizer = torch.optim.AdamW(params, lr=cfg.SOLVER.BASE_LR,
-                                      weight_decay=cfg.SOLVER.WEIGHT_DECAY)
+        if name == "SGD":
+            optimizer = torch.optim.SGD(groups, lr=cfg.SOLVER.BASE_LR,
+                                        momentum=cfg.SOLVER.MOMENTUM, nesterov=cfg.SOLVER.NESTEROV,
+                                        weight_decay=cfg.SOLVER.WEIGHT_DECAY)
+        else:
+            optimizer = torch.optim.AdamW(groups, lr=cfg.SOLVER.BASE_LR,
+                                          weight_decay=cfg.SOLVER.WEIGHT_DECAY)
         return maybe_add_gradient_clipping(cfg, optimizer)
 
     @classmethod
