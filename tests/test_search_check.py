@@ -21,13 +21,6 @@ def _tool():
     return module
 
 
-def test_iou_pinned_values():
-    tool = _tool()
-    assert tool._iou([0, 0, 10, 10], [5, 0, 15, 10]) == pytest.approx(50 / 150)
-    assert tool._iou([0, 0, 10, 10], [0, 0, 10, 10]) == 1.0
-    assert tool._iou([0, 0, 10, 10], [20, 20, 30, 30]) == 0.0
-
-
 def test_search_check_builds_galleries_and_counts_hits(tmp_path, monkeypatch, capsys):
     datasets = tmp_path / "datasets"
     generate_synthps(str(datasets / "synthps"), seed=0, num_train_ids=4, num_test_ids=3,

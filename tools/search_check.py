@@ -24,14 +24,6 @@ import sys
 import numpy as np
 
 
-def _iou(a, b) -> float:
-    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = iw * ih
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True)
@@ -44,6 +36,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     from qeeps_d2.data.catalog import image_root, load_protocol
+    from qeeps_d2.evaluation.box_iou import box_iou
 
     protocol = load_protocol("synthps_test", 50)
     images = image_root("synthps_test")
@@ -71,7 +64,8 @@ def main(argv=None) -> int:
         with open(os.path.join(result_dir, "results.json")) as f:
             matches = json.load(f)["matches"]
         ranks = [m["rank"] for m in matches
-                 if m["frame"] in truth and _iou(m["box"], truth[m["frame"]]) >= 0.5]
+                 if m["frame"] in truth
+                 and box_iou(np.asarray(m["box"]), truth[m["frame"]]) >= 0.5]
         rows.append({"query": query.index, "image": query.image, "positives": len(truth),
                      "gallery": len(chosen), "hit_ranks": ranks})
         print(f"query {query.index:3d} ({query.image}): {len(truth)} positive images among "

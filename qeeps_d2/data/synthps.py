@@ -152,9 +152,9 @@ def _allocate(rng: np.random.Generator, num_ids: int, images: Sequence[int],
     Returns, per identity, the sorted image indices. Raises ValueError when the images lack room.
     """
     images = np.asarray(images)
+    lo, hi = appearances
     result = []
     for identity in range(num_ids):
-        lo, hi = appearances
         wanted = int(min(lo + rng.poisson(0.375 * (hi - lo)), hi))
         free = images[capacity[images] > 0]
         if len(free) < 2:
@@ -401,9 +401,7 @@ def knob_differences(root: str, seed: int = 0, **knobs) -> List[str]:
     """How the SynthPS data set in ``root`` differs from the one ``seed`` and ``knobs`` (the
     defaults completed) would generate: ``["illumination: 1.0 here, 0.5 asked", ...]``, empty
     when they match. Raises like :func:`synthps_stats` when ``root`` holds no description."""
-    synthps_stats(root)  # checks the description
-    with open(os.path.join(root, META_FILE)) as f:
-        meta = json.load(f)
+    meta = _read_meta(root)
     stored = {**_LEGACY_KNOBS, **meta.get("knobs", {})}
     asked = {name: list(v) if isinstance(v, tuple) else v for name, v in _check_knobs(knobs).items()}
     out = [f"seed: {meta.get('seed')} here, {seed} asked"] if meta.get("seed") != seed else []
@@ -492,6 +490,11 @@ def synthps_stats(root: str) -> Dict:
         FileNotFoundError: no ``synthps.json`` in ``root``.
         ValueError: the file is not a SynthPS description.
     """
+    return _read_meta(root)["stats"]
+
+
+def _read_meta(root: str) -> Dict:
+    """The checked contents of ``root/synthps.json`` (raises as :func:`synthps_stats` says)."""
     path = os.path.join(root, META_FILE)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no SynthPS description {path}: not a SynthPS data set")
@@ -499,7 +502,7 @@ def synthps_stats(root: str) -> Dict:
         meta = json.load(f)
     if meta.get("format") != _FORMAT or "stats" not in meta:
         raise ValueError(f"{path} is not a {_FORMAT} description (format={meta.get('format')!r})")
-    return meta["stats"]
+    return meta
 
 
 def format_synthps_stats(stats: Dict) -> str:
