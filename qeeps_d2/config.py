@@ -121,6 +121,34 @@ def add_qeeps_config(cfg):
     # the QRPN's query excitation and head, and QSimNet) when fine-tuning a query-guided model
     # from an OIM checkpoint; 1.0 = one learning rate for all (the paper).
     _C.SOLVER.BASE_MODEL_LR_FACTOR = 1.0
+    # Learning-rate factor of the ResNet trunk (backbone and res5 head), e.g. to keep what an
+    # identity-pretrained trunk knows while the new detection and re-id heads learn at BASE_LR;
+    # multiplies BASE_MODEL_LR_FACTOR where both apply. 1.0 = one learning rate (the paper).
+    _C.SOLVER.TRUNK_LR_FACTOR = 1.0
+
+    # Identity pretraining of the trunk (qeeps_d2/engine/pretrain.py): the stand-in for the
+    # paper's ImageNet start where no model hub is reachable. The identity path (backbone, res5,
+    # re-id head) is trained as a classifier of the identities of a SynthPS set generated with
+    # another seed (disjoint from synthps_train / synthps_test), first on person crops, then on
+    # whole scenes through the ROI path; MODEL.WEIGHTS then loads the result.
+    _C.PRETRAIN = CN()
+    # SynthPS seed of the pretraining set (the default data sets use seed 0).
+    _C.PRETRAIN.SEED = 1
+    # Labeled identities and scene images of the pretraining set.
+    _C.PRETRAIN.NUM_IDS = 400
+    _C.PRETRAIN.IMAGES = 1000
+    # Stage 1: steps, crops per step and crop size (width, height) in pixels.
+    _C.PRETRAIN.CROP_ITERS = 400
+    _C.PRETRAIN.CROP_BATCH = 128
+    _C.PRETRAIN.CROP_SIZE = (48, 96)
+    # Stage 2: steps and scene images per step through the ROI path (labeled boxes as ROIs).
+    _C.PRETRAIN.ROI_ITERS = 250
+    _C.PRETRAIN.ROI_BATCH = 8
+    # AdamW learning rate (cosine decay in each stage) and weight decay.
+    _C.PRETRAIN.LR = 0.002
+    _C.PRETRAIN.WEIGHT_DECAY = 0.0005
+    # Inverse temperature of the cosine classifier over the pretraining identities.
+    _C.PRETRAIN.SCALE = 16.0
 
     # Schedule in epochs over the training records (images, or pairs for query-guided models):
     # EPOCHS > 0 overrides SOLVER.MAX_ITER and SOLVER.STEPS, see resolve_epoch_schedule.

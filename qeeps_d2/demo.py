@@ -3,11 +3,13 @@
     python -m qeeps_d2.demo [--out output/demo] [--queries 8] [KEY VALUE ...]
 
 1. generates SynthPS (``$DETECTRON2_DATASETS/synthps``) if it is not there;
-2. trains the OIM baseline (``configs/SynthPS/oim.yaml``), then QEEPS from it
+2. pretrains the trunk on the identities of another SynthPS seed (the stand-in for the paper's
+   ImageNet start, :mod:`qeeps_d2.engine.pretrain`; skipped when ``<out>/pretrain`` holds it);
+3. trains the OIM baseline from it (``configs/SynthPS/oim.yaml``), then QEEPS from the OIM model
    (``configs/SynthPS/qeeps.yaml``) - each skipped when its ``model_final.pth`` exists and
    resumed from its last checkpoint after an interruption;
-3. evaluates both on ``synthps_test`` (gallery 100, and gallery 50 scored from the same run);
-4. prints the side-by-side table and writes ``<out>/report.html``: per sampled query, the query
+4. evaluates both on ``synthps_test`` (gallery 100, and gallery 50 scored from the same run);
+5. prints the side-by-side table and writes ``<out>/report.html``: per sampled query, the query
    and the top-5 matches of each model, right (green) and wrong (red) marked.
 
 Runs on the GPU when one is present (the configs' default device), else on the CPU.
@@ -134,24 +136,31 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from qeeps_d2.data.catalog import dataset_root
     from qeeps_d2.data.synthps import ensure_synthps, format_synthps_stats, synthps_stats
     from qeeps_d2.engine.experiments import run_config
+    from qeeps_d2.engine.pretrain import ensure_pretrained
 
-    _say("1/4 SynthPS data set")
+    _say("1/5 SynthPS data set")
     root = ensure_synthps(dataset_root("synthps_train"))
     print(format_synthps_stats(synthps_stats(root)), flush=True)
 
+    pretrained = os.path.join(args.out, "pretrain", "model_final.pth")
+    _say(f"2/5 identity pretraining of the trunk (disjoint SynthPS identities) -> {pretrained}")
+    ensure_pretrained(os.path.join(REPO, MODELS[0][1]), pretrained, list(args.opts), echo=_say)
+
     rows = []
-    for step, (label, config) in enumerate(MODELS, start=2):
+    for step, (label, config) in enumerate(MODELS, start=3):
         out = os.path.join(args.out, label.lower())
         opts = ["OUTPUT_DIR", out] + list(args.opts)
         if label == "QEEPS":
             opts += ["MODEL.WEIGHTS", os.path.join(args.out, "oim", "model_final.pth"),
                      "TEST.PERSON_SEARCH.CASCADE_TOPK", str(args.cascade_topk)]
-        _say(f"{step}/4 {label}: train ({config}) and evaluate; full log in {out}/experiment.log")
+        else:
+            opts += ["MODEL.WEIGHTS", pretrained]
+        _say(f"{step}/5 {label}: train ({config}) and evaluate; full log in {out}/experiment.log")
         rows.append(run_config(os.path.join(REPO, config), GALLERY_SIZES, opts,
                                echo=lambda line, l=label: _say(f"  {l}: {line}")))
         rows[-1]["config"] = label
 
-    _say("4/4 report")
+    _say("5/5 report")
     report = _report(args.out, rows, args.queries)
     print()
     print(_table(rows))

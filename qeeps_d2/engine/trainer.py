@@ -38,6 +38,12 @@ logger = logging.getLogger(__name__)
 _QUERY_GUIDANCE = re.compile(r"(^|\.)qsse\.|^proposal_generator\.query_|^roi_heads\.qsimnet\.")
 
 
+def is_trunk_parameter(name: str) -> bool:
+    """True for a parameter of the ResNet trunk: the backbone (stem, res2..res4) and the res5
+    head (the weights an ImageNet or identity-pretrained checkpoint provides)."""
+    return name.startswith(("backbone.", "roi_heads.res5."))
+
+
 def is_query_guidance_parameter(name: str) -> bool:
     """True for a parameter name of the query-guidance blocks (absent from an OIM model)."""
     return _QUERY_GUIDANCE.search(name) is not None
@@ -61,20 +67,24 @@ class Trainer(DefaultTrainer):
     def build_optimizer(cls, cfg, model):
         """Detectron2's SGD (momentum, Nesterov) or AdamW (``SOLVER.OPTIMIZER``) over Detectron2's
         parameter groups, with ``SOLVER.BASE_MODEL_LR_FACTOR`` applied to the parameters that are
-        not query-guidance parameters (:func:`is_query_guidance_parameter`)."""
+        not query-guidance parameters (:func:`is_query_guidance_parameter`) and
+        ``SOLVER.TRUNK_LR_FACTOR`` to the trunk's (:func:`is_trunk_parameter`)."""
         name = cfg.SOLVER.OPTIMIZER.upper()
         if name not in ("SGD", "ADAMW"):
             raise ValueError(f"SOLVER.OPTIMIZER must be SGD or ADAMW, got {cfg.SOLVER.OPTIMIZER!r}")
-        factor = cfg.SOLVER.BASE_MODEL_LR_FACTOR
-        if factor <= 0:
-            raise ValueError(f"SOLVER.BASE_MODEL_LR_FACTOR must be > 0, got {factor}")
+        factor, trunk = cfg.SOLVER.BASE_MODEL_LR_FACTOR, cfg.SOLVER.TRUNK_LR_FACTOR
+        for key, value in (("BASE_MODEL_LR_FACTOR", factor), ("TRUNK_LR_FACTOR", trunk)):
+            if value <= 0:
+                raise ValueError(f"SOLVER.{key} must be > 0, got {value}")
         groups = get_default_optimizer_params(
             model,
             base_lr=cfg.SOLVER.BASE_LR,
             weight_decay_norm=cfg.SOLVER.WEIGHT_DECAY_NORM,
             bias_lr_factor=cfg.SOLVER.BIAS_LR_FACTOR,
             weight_decay_bias=cfg.SOLVER.WEIGHT_DECAY_BIAS,
-            lr_factor_func=lambda name: 1.0 if is_query_guidance_parameter(name) else factor,
+            lr_factor_func=lambda name: (
+                (1.0 if is_query_guidance_parameter(name) else factor)
+                * (trunk if is_trunk_parameter(name) else 1.0)),
         )
         if name == "SGD":
             optimizer = torch.optim.SGD(groups, lr=cfg.SOLVER.BASE_LR,

@@ -1,0 +1,329 @@
+"""Identity pretraining of the trunk: the stand-in for the paper's ImageNet start on SynthPS.
+
+The paper's models start from ImageNet ResNet weights; no model hub is reachable here, and a
+trunk trained from scratch by the detection losses holds almost no identity (SynthPS OIM G100 mAP
+about 4). This module trains the identity path of a QEEPS model (backbone res2..res4, the res5
+head and the re-id embedding head) as an identity classifier on a SynthPS data set generated
+with another seed, whose identities are disjoint from ``synthps_train`` and ``synthps_test``,
+and writes a Detectron2 checkpoint that ``MODEL.WEIGHTS`` loads:
+
+1. crops: person crops (``CROP_SIZE``) through backbone + res5 + embedding, many per step
+   (cheap: most of the identity is learned here);
+2. ROI path: whole scene images, the labeled boxes pooled on res4 exactly as the detector pools
+   its proposals (ROIAlign, res5, mean), so the features work in the model's own path.
+
+Both stages train a cosine classifier over the pretraining identities (normalised weights,
+scale ``SCALE``), which is dropped afterwards.
+
+    python -m qeeps_d2.engine.pretrain --config-file configs/SynthPS/oim.yaml \
+        --out output/synthps/pretrain [KEY VALUE ...]
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import time
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["pretrain_identity", "ensure_pretrained", "gt_box_search_scores", "main"]
+
+logger = logging.getLogger("qeeps_d2.pretrain")
+
+
+def pretrain_root(p) -> str:
+    """``$DETECTRON2_DATASETS/synthps_pretrain_s<seed>_<ids>``: the pretraining set's folder."""
+    from qeeps_d2.data.catalog import datasets_root
+
+    return os.path.join(datasets_root(), f"synthps_pretrain_s{p.SEED}_{p.NUM_IDS}")
+
+
+def _pretrain_records(p) -> List[Dict]:
+    """Training dicts of the pretraining SynthPS (``cfg.PRETRAIN`` = ``p``; generated on first
+    use, with the default SynthPS look and difficulty; its small test split is not used)."""
+    from qeeps_d2.data.cuhk_sysu import load_cuhk_sysu
+    from qeeps_d2.data.synthps import ensure_synthps
+
+    if p.SEED == 0:
+        raise ValueError("PRETRAIN.SEED must differ from 0, the seed of synthps_train/test: the "
+                         "pretraining identities must be disjoint from theirs")
+    root = ensure_synthps(pretrain_root(p), seed=p.SEED, num_train_ids=p.NUM_IDS,
+                          train_images=p.IMAGES, num_test_ids=10, test_images=101,
+                          gallery_sizes=(50,))
+    return load_cuhk_sysu(root, "train")
+
+
+class CosineClassifier(nn.Module):
+    """(N, D) unit embeddings -> (N, K) logits ``scale * cos(x, w_k)``."""
+
+    def __init__(self, dim: int, num_classes: int, scale: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(num_classes, dim) * 0.01)
+        self.scale = scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scale * x @ F.normalize(self.weight, dim=1).t()
+
+
+def _load_images(records: Sequence[Dict]) -> List[np.ndarray]:
+    return [cv2.imread(r["file_name"], cv2.IMREAD_COLOR) for r in records]
+
+
+def _labeled(records: Sequence[Dict]) -> List[Tuple[int, np.ndarray, int]]:
+    """(image index, XYXY box, pid) of every labeled person."""
+    out = []
+    for i, r in enumerate(records):
+        for a in r["annotations"]:
+            if a["person_id"] >= 0:
+                out.append((i, np.asarray(a["bbox"], dtype=np.float32), int(a["person_id"])))
+    return out
+
+
+def _jitter(box: np.ndarray, rng: np.random.RandomState, frac: float, w: int, h: int) -> np.ndarray:
+    bw, bh = box[2] - box[0], box[3] - box[1]
+    d = rng.uniform(-frac, frac, size=4) * np.array([bw, bh, bw, bh])
+    b = box + d
+    b[[0, 2]] = np.clip(b[[0, 2]], 0, w - 1)
+    b[[1, 3]] = np.clip(b[[1, 3]], 0, h - 1)
+    if b[2] - b[0] < 4 or b[3] - b[1] < 4:
+        return box
+    return b
+
+
+def _normalize(model, images_bgr: torch.Tensor) -> torch.Tensor:
+    """(N, 3, H, W) float BGR 0..255 -> the model's normalised input."""
+    return (images_bgr - model.pixel_mean) / model.pixel_std
+
+
+def _crop_batch(images, samples, rng, size):
+    w, h = size
+    crops, pids = [], []
+    for i, box, pid in samples:
+        img = images[i]
+        b = _jitter(box, rng, 0.08, img.shape[1], img.shape[0]).round().astype(int)
+        crop = img[b[1]:b[3], b[0]:b[2]]
+        crop = cv2.resize(crop, (w, h), interpolation=cv2.INTER_LINEAR)
+        if rng.rand() < 0.5:
+            crop = crop[:, ::-1]
+        crops.append(crop)
+        pids.append(pid)
+    x = torch.from_numpy(np.ascontiguousarray(np.stack(crops))).permute(0, 3, 1, 2).float()
+    return x, torch.as_tensor(pids)
+
+
+def _crop_embed(model, x: torch.Tensor) -> torch.Tensor:
+    """Crops (N, 3, h, w) -> (N, D) embeddings: backbone, res5, mean, re-id head."""
+    feats = model.backbone(_normalize(model, x))
+    res4 = feats[model.roi_heads.in_features[0]]
+    return model.roi_heads.reid_head(model.roi_heads.res5(res4).mean(dim=(2, 3)))
+
+
+def _scene_batch(images, records, idx, rng):
+    """Scene images (same size assumed) with their labeled boxes, randomly flipped."""
+    from detectron2.structures import Boxes
+
+    xs, boxes, pids = [], [], []
+    for i in idx:
+        img = images[i]
+        h, w = img.shape[:2]
+        flip = rng.rand() < 0.5
+        if flip:
+            img = img[:, ::-1]
+        b, p = [], []
+        for a in records[i]["annotations"]:
+            if a["person_id"] < 0:
+                continue
+            box = _jitter(np.asarray(a["bbox"], dtype=np.float32), rng, 0.05, w, h)
+            if flip:
+                box = np.array([w - box[2], box[1], w - box[0], box[3]], dtype=np.float32)
+            b.append(box)
+            p.append(a["person_id"])
+        xs.append(np.ascontiguousarray(img))
+        boxes.append(Boxes(torch.as_tensor(np.asarray(b, dtype=np.float32).reshape(-1, 4))))
+        pids.extend(p)
+    x = torch.from_numpy(np.stack(xs)).permute(0, 3, 1, 2).float()
+    return x, boxes, torch.as_tensor(pids)
+
+
+def _optimizer(params, p, iters: int):
+    opt = torch.optim.AdamW(params, lr=p.LR, weight_decay=p.WEIGHT_DECAY)
+    warm = max(1, iters // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda it: min(1.0, (it + 1) / warm) * 0.5 * (1 + math.cos(math.pi * it / iters)))
+    return opt, sched
+
+
+def _identity_params(model) -> List[nn.Parameter]:
+    mods = [model.backbone, model.roi_heads.res5, model.roi_heads.reid_head]
+    return [p for m in mods for p in m.parameters() if p.requires_grad]
+
+
+def pretrain_identity(model, p, log_every: int = 50, echo=None) -> Dict[str, float]:
+    """Train ``model``'s identity path in place with the knobs ``p`` (= ``cfg.PRETRAIN``; see
+    the module docstring).
+
+    Returns:
+        ({"crop_s", "roi_s"}: wall time of each stage in seconds, {"crop", "scene"}: the
+        classification loss of every step of each stage)."""
+    records = [r for r in _pretrain_records(p) if any(a["person_id"] >= 0 for a in r["annotations"])]
+    images = _load_images(records)
+    samples = _labeled(records)
+    num_ids = 1 + max(p for _, _, p in samples)
+    rng = np.random.RandomState(p.SEED)
+    torch.manual_seed(p.SEED)
+    dim = model.roi_heads.reid_head.proj.out_features
+    classifier = CosineClassifier(dim, num_ids, p.SCALE).to(model.device)
+    say = echo or logger.info
+    model.train()
+    times = {}
+    losses = {"crop": [], "scene": []}
+
+    # stage 1: crops
+    params = _identity_params(model) + list(classifier.parameters())
+    opt, sched = _optimizer(params, p, p.CROP_ITERS)
+    start = time.perf_counter()
+    for it in range(p.CROP_ITERS):
+        batch = [samples[j] for j in rng.randint(len(samples), size=p.CROP_BATCH)]
+        x, pids = _crop_batch(images, batch, rng, tuple(p.CROP_SIZE))
+        x, pids = x.to(model.device), pids.to(model.device)
+        logits = classifier(_crop_embed(model, x))
+        loss = F.cross_entropy(logits, pids, label_smoothing=0.1)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses["crop"].append(loss.item())
+        if (it + 1) % log_every == 0:
+            acc = (logits.argmax(1) == pids).float().mean().item()
+            say(f"crops {it + 1}/{p.CROP_ITERS}: loss {loss.item():.3f}, training accuracy "
+                f"{acc:.2f} ({time.perf_counter() - start:.0f} s)")
+    times["crop_s"] = time.perf_counter() - start
+
+    # stage 2: the ROI path on scene images
+    opt, sched = _optimizer(params, p, p.ROI_ITERS)
+    start = time.perf_counter()
+    for it in range(p.ROI_ITERS):
+        idx = rng.randint(len(records), size=p.ROI_BATCH)
+        x, boxes, pids = _scene_batch(images, records, idx, rng)
+        x, pids = x.to(model.device), pids.to(model.device)
+        boxes = [b.to(model.device) for b in boxes]
+        feats = model.backbone(_normalize(model, x))
+        emb = model.roi_heads.reid_head(model.roi_heads.box_features(feats, boxes))
+        logits = classifier(emb)
+        loss = F.cross_entropy(logits, pids, label_smoothing=0.1)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses["scene"].append(loss.item())
+        if (it + 1) % log_every == 0:
+            acc = (logits.argmax(1) == pids).float().mean().item()
+            say(f"scenes {it + 1}/{p.ROI_ITERS}: loss {loss.item():.3f}, training accuracy "
+                f"{acc:.2f} ({time.perf_counter() - start:.0f} s)")
+    times["roi_s"] = time.perf_counter() - start
+    model.eval()
+    return times, losses
+
+
+@torch.no_grad()
+def gt_box_search_scores(model, dataset: str = "synthps_test", gallery_size: int = 100):
+    """Search scores of ``model``'s ROI-path embeddings of the annotated boxes (no detector):
+    every test image's boxes embedded once, the query = its annotated box."""
+    from detectron2.structures import Boxes
+
+    from qeeps_d2.data.catalog import load_dataset_dicts, load_protocol
+    from qeeps_d2.evaluation.search_metrics import score_search
+
+    model.eval()
+    protocol = load_protocol(dataset, gallery_size)
+    records = {os.path.basename(r["file_name"]): r for r in load_dataset_dicts(dataset)}
+    embeds = {}
+    for name, r in records.items():
+        img = cv2.imread(r["file_name"], cv2.IMREAD_COLOR)
+        boxes = np.asarray([a["bbox"] for a in r["annotations"]], dtype=np.float32).reshape(-1, 4)
+        x = torch.from_numpy(img).permute(2, 0, 1).float()[None]
+        feats = model.backbone(_normalize(model, x))
+        emb = model.roi_heads.embed(model.roi_heads.box_features(feats, [Boxes(torch.as_tensor(boxes))]))
+        embeds[name] = (boxes, emb)
+    detections = {}
+    for q in protocol.queries:
+        boxes, emb = embeds[q.image]
+        iou = _iou(boxes, q.box[None].astype(np.float32))[:, 0]
+        qe = emb[int(iou.argmax())]
+        per = {}
+        for name in dict.fromkeys(protocol.gallery(q.index).images):
+            gb, ge = embeds[name]
+            sims = (ge @ qe).numpy()
+            per[name] = np.concatenate([gb, np.ones((len(gb), 1)), sims[:, None]], axis=1)
+        detections[q.index] = per
+    return score_search(protocol, detections)
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    from qeeps_d2.evaluation.box_iou import box_iou
+
+    return np.asarray([[box_iou(x, y) for y in b] for x in a])
+
+
+PRETRAINED_KEYS = ("backbone.", "roi_heads.res5.", "roi_heads.reid_head.")
+
+
+def ensure_pretrained(config_file: str, path: str, opts: Sequence[str] = (), echo=None) -> str:
+    """``path`` if it exists, else pretrain the identity path of the model of ``config_file``
+    and save it there (atomically) as a checkpoint that ``MODEL.WEIGHTS`` loads: the backbone,
+    res5 and re-id head weights (``PRETRAINED_KEYS``)."""
+    from detectron2.modeling import build_model
+
+    from qeeps_d2.engine.trainer import setup_cfg
+    from qeeps_d2.utils.atomic_write import write_atomically
+
+    if os.path.isfile(path):
+        return path
+    cfg = setup_cfg(config_file, list(opts), resolve_schedule=False)
+    torch.manual_seed(cfg.PRETRAIN.SEED)
+    model = build_model(cfg)
+    times, _ = pretrain_identity(model, cfg.PRETRAIN, echo=echo)
+    state = {k: v.cpu() for k, v in model.state_dict().items() if k.startswith(PRETRAINED_KEYS)}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    write_atomically(path, lambda f: torch.save({"model": state, "pretrain_s": times}, f))
+    (echo or logger.info)(f"identity pretraining done in {sum(times.values()) / 60:.1f} min: {path}")
+    return path
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config-file", required=True, help="the model to pretrain (e.g. "
+                        "configs/SynthPS/oim.yaml); its PRETRAIN keys set the run")
+    parser.add_argument("--out", default="output/synthps/pretrain/model_final.pth",
+                        help="checkpoint to write (kept if it exists)")
+    parser.add_argument("--eval", action="store_true",
+                        help="then score search on synthps_test G100 with the annotated boxes")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    path = ensure_pretrained(args.config_file, args.out, args.opts)
+    if args.eval:
+        from detectron2.checkpoint import DetectionCheckpointer
+        from detectron2.modeling import build_model
+
+        from qeeps_d2.engine.trainer import setup_cfg
+
+        cfg = setup_cfg(args.config_file, ["MODEL.WEIGHTS", path, *args.opts],
+                        resolve_schedule=False)
+        model = build_model(cfg)
+        DetectionCheckpointer(model).load(path)
+        s = gt_box_search_scores(model)
+        logger.info("annotated-box search, synthps_test G100: mAP %.1f, top-1 %.1f",
+                    100 * s.ap.mean(), 100 * s.hits[:, 0].mean())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,70 @@
+"""Identity pretraining of the trunk (qeeps_d2.engine.pretrain) at a minimal size."""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from detectron2.modeling import build_model
+
+from qeeps_d2.checkpoint import QEEPSCheckpointer
+from qeeps_d2.engine.pretrain import PRETRAINED_KEYS, ensure_pretrained, pretrain_identity
+from qeeps_d2.engine.trainer import setup_cfg
+
+from model_fixtures import REPO
+
+CONFIG = os.path.join(REPO, "configs", "SynthPS", "oim.yaml")
+TINY = ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", "", "MODEL.QEEPS.OIM.NUM_PIDS", "4",
+        "PRETRAIN.NUM_IDS", "6", "PRETRAIN.IMAGES", "10", "PRETRAIN.CROP_BATCH", "24",
+        "PRETRAIN.ROI_BATCH", "2"]
+
+
+@pytest.fixture
+def datasets(tmp_path, monkeypatch):
+    monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path / "datasets"))
+    return tmp_path
+
+
+def test_crop_stage_learns_the_pretraining_identities(datasets):
+    torch.manual_seed(0)
+    cfg = setup_cfg(CONFIG, TINY + ["PRETRAIN.CROP_ITERS", "40", "PRETRAIN.ROI_ITERS", "3"],
+                    resolve_schedule=False)
+    model = build_model(cfg)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    times, losses = pretrain_identity(model, cfg.PRETRAIN)
+    assert len(losses["crop"]) == 40 and len(losses["scene"]) == 3
+    # 6 identities: chance-level cross-entropy is log(6) = 1.8; the last steps fit them
+    assert np.mean(losses["crop"][:5]) > 1.5
+    assert np.mean(losses["crop"][-5:]) < 0.6 * np.mean(losses["crop"][:5])
+    after = model.state_dict()
+    for prefix in PRETRAINED_KEYS:
+        assert any(not torch.equal(before[k], after[k]) for k in after if k.startswith(prefix))
+    # the detection heads are not part of the identity path
+    for k in after:
+        if k.startswith(("proposal_generator.", "roi_heads.box_predictor.")):
+            assert torch.equal(before[k], after[k]), k
+
+
+def test_ensure_pretrained_writes_weights_the_oim_model_loads(datasets):
+    path = str(datasets / "pretrain" / "model_final.pth")
+    opts = TINY + ["PRETRAIN.CROP_ITERS", "2", "PRETRAIN.ROI_ITERS", "1"]
+    assert ensure_pretrained(CONFIG, path, opts) == path
+    state = torch.load(path, weights_only=True)["model"]
+    assert state and all(k.startswith(PRETRAINED_KEYS) for k in state)
+    cfg = setup_cfg(CONFIG, opts, resolve_schedule=False)
+    model = build_model(cfg)
+    QEEPSCheckpointer(model).load(path)
+    loaded = model.state_dict()
+    expected = [k for k in loaded if k.startswith(PRETRAINED_KEYS)]
+    assert set(expected) <= set(state)
+    for k in expected:
+        assert torch.equal(loaded[k], state[k]), k
+    # kept: a second call does not pretrain again
+    mtime = os.path.getmtime(path)
+    assert ensure_pretrained(CONFIG, path, opts) == path
+    assert os.path.getmtime(path) == mtime
+
+
+def test_pretraining_set_must_not_be_the_evaluation_seed(datasets):
+    with pytest.raises(ValueError, match="PRETRAIN.SEED"):
+        ensure_pretrained(CONFIG, str(datasets / "p.pth"), TINY + ["PRETRAIN.SEED", "0"])
