@@ -261,3 +261,54 @@ def test_qsse_pairs_do_not_share_the_query_pass():
         model(pairs)
     hook.remove()
     assert calls == [4]
+
+
+def test_qsse_squeeze_ignores_the_batch_padding():
+    """A pair of small images run alone, then padded into the canvas of a larger pair: every QSSE
+    block squeezes each image over its own area only. Convolutions near the image border see the
+    padding differently in the two runs, so the test gives the second run the first run's
+    residual outputs U inside each image's valid region (the canvas keeps its own values
+    outside it) and checks that every block then excites with the same s."""
+    model = _model(qsse=True).eval()
+    g = torch.Generator().manual_seed(3)
+    img = lambda h, w: torch.randint(0, 255, (3, h, w), generator=g).float()  # noqa: E731
+    small = {"image": img(45, 61), "height": 45, "width": 61,
+             "query_image": img(37, 50), "query_box": torch.tensor([5.0, 4, 30, 35])}
+    large = {"image": img(80, 100), "height": 80, "width": 100,
+             "query_image": img(70, 90), "query_box": torch.tensor([10.0, 8, 50, 60])}
+    blocks = model.backbone.qsse_blocks
+    alone_u, alone_valid, excitations = [], [], []
+
+    def record(m, args):  # run alone: rows (gallery, query)
+        alone_u.append(args[0])
+        alone_valid.append(args[2])
+
+    def substitute(m, args):  # batched with the large pair: rows (g_large, g, q_large, q)
+        u, num_pairs, valid = args
+        i = len(excitations)
+        assert torch.equal(valid[[1, 3]], alone_valid[i])
+        u = u.clone()
+        for row, alone_row in ((1, 0), (3, 1)):
+            h, w = alone_valid[i][alone_row].tolist()
+            u[row, :, :h, :w] = alone_u[i][alone_row, :, :h, :w]
+        return u, num_pairs, valid
+
+    hooks = [b.qsse.register_forward_hook(lambda m, args, s: excitations.append(s))
+             for b in blocks]
+    pre_hooks = [b.qsse.register_forward_pre_hook(record) for b in blocks]
+    with torch.no_grad():
+        model._siamese_features([small])
+        alone = excitations[:]
+        excitations.clear()
+        for hook in pre_hooks:
+            hook.remove()
+        pre_hooks = [b.qsse.register_forward_pre_hook(substitute) for b in blocks]
+        model._siamese_features([large, small])
+    for hook in hooks + pre_hooks:
+        hook.remove()
+    assert len(alone) == len(excitations) == len(blocks) > 0
+    for u, valid in zip(alone_u, alone_valid):  # the gallery image fills the canvas alone
+        assert tuple(valid[0].tolist()) == tuple(u.shape[2:])
+    assert (alone_valid[0][1] < alone_valid[0][0]).all()  # the query is padded even alone
+    for s_alone, s_batch in zip(alone, excitations):
+        assert torch.allclose(s_batch[[1, 3]], s_alone, atol=1e-6)

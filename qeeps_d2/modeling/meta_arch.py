@@ -96,7 +96,9 @@ class QEEPS(GeneralizedRCNN):
             self.backbone.size_divisibility,
             padding_constraints=self.backbone.padding_constraints,
         )
-        features = self.backbone(both.tensor, num_pairs=num if self.qsse else 0)
+        # the image sizes let each QSSE block squeeze an image over its own (unpadded) area
+        features = self.backbone(both.tensor, num_pairs=num if self.qsse else 0,
+                                 image_sizes=both.image_sizes)
         gallery_feats = {k: v[:num] for k, v in features.items()}
         query_feats = {k: v[num:] if rows is None else v[num:][rows] for k, v in features.items()}
         images = ImageList(both.tensor[:num], both.image_sizes[:num])
