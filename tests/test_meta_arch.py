@@ -312,3 +312,32 @@ def test_qsse_squeeze_ignores_the_batch_padding():
     assert (alone_valid[0][1] < alone_valid[0][0]).all()  # the query is padded even alone
     for s_alone, s_batch in zip(alone, excitations):
         assert torch.allclose(s_batch[[1, 3]], s_alone, atol=1e-6)
+
+
+@pytest.mark.parametrize("row", ["oim+qsimnet", "qeeps"])
+def test_pair_training_embeds_the_queries_as_at_test_time(row):
+    """In a pair training step the query path (res5 + re-id head on the query boxes) leaves
+    every running statistic of the model as it was, and gives the embedding of eval mode."""
+    model = _eval_model(row)  # settled, non-trivial running statistics (NORM "BN")
+    heads = model.roi_heads
+    embed_boxes = heads.embed_boxes
+    seen = {}
+
+    def checked(features, boxes):
+        before = {k: v.clone() for k, v in model.named_buffers()}
+        embeds = embed_boxes(features, boxes)
+        seen["changed"] = [k for k, v in model.named_buffers() if not torch.equal(v, before[k])]
+        heads.eval()
+        with torch.no_grad():
+            seen["eval"] = embed_boxes(features, boxes)
+        heads.train()
+        seen["train"] = embeds
+        return embeds
+
+    heads.embed_boxes = checked
+    losses = _train_step(model, model_fixtures.pair_inputs())
+    assert seen["changed"] == []
+    assert seen["train"].shape == (2, 16) and seen["train"].requires_grad
+    assert torch.allclose(seen["train"], seen["eval"], atol=1e-5)
+    assert all(torch.isfinite(v) for v in losses.values())
+    assert heads.reid_head.proj.weight.grad.abs().sum() > 0

@@ -273,3 +273,41 @@ def test_reid_head_normalises_with_foreground_statistics():
     running = F.normalize(
         (z - head.norm.running_mean) / torch.sqrt(head.norm.running_var + head.norm.eps), dim=1)
     assert torch.allclose(head(x), running, atol=1e-5)
+
+
+def _buffers(module):
+    return {k: v.clone() for k, v in module.named_buffers()}
+
+
+def test_embed_boxes_in_training_uses_and_keeps_the_running_statistics():
+    """Query boxes are embedded as at test time, also in training: res5's BatchNorms (NORM "BN")
+    and the re-id head normalise with their running statistics and do not update them, and
+    the gradient still reaches their weights and the features."""
+    heads = _heads()
+    torch.manual_seed(4)
+    with torch.no_grad():  # running statistics far from those of the few boxes below
+        for name, buf in heads.named_buffers():
+            if name.endswith("running_mean"):
+                buf.normal_()
+            elif name.endswith("running_var"):
+                buf.uniform_(0.5, 2.0)
+    bn_names = [k for k, m in heads.named_modules()
+                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert any(k.startswith("res5.") for k in bn_names) and "reid_head.norm" in bn_names
+    features = {"res4": torch.rand(2, 128, 4, 6, requires_grad=True)}
+    boxes = [Boxes(torch.tensor([[5.0, 5, 35, 60]])), Boxes(torch.tensor([[20.0, 10, 60, 60]]))]
+    expected = heads.eval().embed_boxes({"res4": features["res4"].detach()}, boxes)
+    heads.train()
+    before = _buffers(heads)
+    embeds = heads.embed_boxes(features, boxes)
+    after = _buffers(heads)
+    assert all(torch.equal(before[k], after[k]) for k in before), [
+        k for k in before if not torch.equal(before[k], after[k])]
+    assert torch.allclose(embeds, expected, atol=1e-5)
+    assert all(m.training for m in heads.modules())  # the training mode is restored
+    embeds.pow(3).sum().backward()
+    grads = dict(heads.named_parameters())
+    for name in ("reid_head.proj.weight", "reid_head.norm.weight", "res5.0.conv1.weight",
+                 "res5.0.conv1.norm.weight", "res5.2.conv3.norm.bias"):
+        assert grads[name].grad is not None and grads[name].grad.abs().sum() > 0, name
+    assert features["res4"].grad.abs().sum() > 0

@@ -127,6 +127,7 @@ class QEEPS(GeneralizedRCNN):
         gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
         if "query_image" in batched_inputs[0]:
             images, features, query_feats, query_boxes = self._siamese_features(batched_inputs)
+            # as at test time: running BatchNorm statistics, left unchanged (see embed_boxes)
             query_embeds = self.roi_heads.embed_boxes(query_feats, query_boxes)
             proposals, proposal_losses = self.proposal_generator(
                 images, features, gt_instances, query_features=query_feats, query_boxes=query_boxes

@@ -8,10 +8,12 @@ Per proposal, res5 on the ROI-pooled res4 features, averaged to a (R, C5) vector
   trained with a cross-entropy whose positives are the proposals matched to the query person.
 
 The query's own embedding comes from the same res5 + ``reid_head`` applied to the query box on
-the query branch's features (:meth:`QEEPSROIHeads.embed_boxes`).
+the query branch's features (:meth:`QEEPSROIHeads.embed_boxes`), normalised with the running
+statistics also in training.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Dict, List, Optional
 
 import torch
@@ -162,9 +164,28 @@ class QEEPSROIHeads(Res5ROIHeads):
             box_features = _ScaleGrad.apply(box_features, self.trunk_grad_scale)
         return self.reid_head(box_features, stats_mask)
 
+    @contextmanager
+    def _running_statistics(self):
+        """Within: res5 and the re-id head in eval mode, so their BatchNorms normalise with, and
+        do not update, their running statistics (gradients still reach their weights)."""
+        modules = [m for part in (self.res5, self.reid_head) for m in part.modules()]
+        modes = [m.training for m in modules]
+        self.res5.train(False)
+        self.reid_head.train(False)
+        try:
+            yield
+        finally:
+            for m, mode in zip(modules, modes):
+                m.training = mode
+
     def embed_boxes(self, features: Dict[str, torch.Tensor], boxes: List[Boxes]) -> torch.Tensor:
-        """Re-id embeddings (sum of boxes, D) of given boxes, e.g. the query boxes."""
-        return self.embed(self.box_features(features, boxes))
+        """Re-id embeddings (sum of boxes, D) of given boxes, e.g. the query boxes, computed as
+        at test time even in training: res5 and the re-id head use their running statistics and
+        leave them unchanged (in pair training the B query boxes would otherwise be normalised
+        with their own statistics, about +-1 per dimension for 2-4 rows, and write those into
+        the running ones). The gradient still reaches every weight."""
+        with self._running_statistics():
+            return self.embed(self.box_features(features, boxes))
 
     def forward(
         self,
