@@ -113,6 +113,12 @@ def add_qeeps_config(cfg):
     # (every query-gallery pair); K > 0 = the same network query-agnostically over the gallery
     # images once, then pair mode only on each query's top-K images (results labelled cascade).
     _C.TEST.PERSON_SEARCH.CASCADE_TOPK = 0
+    # Evaluate with ground-truth boxes (SeqNet's EVAL_USE_GT): the gallery detections are the
+    # annotated person boxes of each gallery image, scored by the model (embedding, or QSimNet /
+    # cosine similarity in pair mode) without RPN/QRPN, box regression or NMS; their det_score is
+    # 1 so that no threshold drops them. Results are labelled: metrics "person_search_gt_boxes",
+    # files <dataset>_gtboxes_{results.json.gz,metrics.json}. Re-identification alone.
+    _C.TEST.PERSON_SEARCH.USE_GT_BOXES = False
 
     # Optimizer: "SGD" (Detectron2's, the paper's) or "ADAMW" (converges much faster when training
     # from scratch, as the CPU-sized SynthPS configs do; uses BASE_LR and WEIGHT_DECAY).

@@ -5,6 +5,7 @@ import logging
 import os
 from typing import Dict, List, Optional, Tuple
 
+import numpy as np
 import torch.utils.data as torchdata
 
 from detectron2.data import (
@@ -25,6 +26,7 @@ __all__ = [
     "cascade_topk",
     "build_person_search_train_loader",
     "build_person_search_test_loader",
+    "gallery_gt_boxes",
     "load_test_protocol",
     "evaluated_queries",
 ]
@@ -90,6 +92,25 @@ def _image_sizes(dataset_name: str, names, image_root: str) -> Dict[str, Tuple[i
     return sizes
 
 
+def gallery_gt_boxes(dataset_name: str, images) -> Dict[str, np.ndarray]:
+    """image name -> (M, 4) float64 XYXY annotated person boxes (original pixels) of each of
+    ``images``, from the data set's dicts (TEST.PERSON_SEARCH.USE_GT_BOXES).
+
+    Raises:
+        ValueError: an image the data set's dicts do not hold (its boxes are unknown).
+    """
+    from qeeps_d2.evaluation.detection_metrics import detection_ground_truth
+
+    wanted = set(images)
+    ground_truth = detection_ground_truth(DatasetCatalog.get(dataset_name), wanted)
+    missing = sorted(wanted - set(ground_truth))
+    if missing:
+        raise ValueError(f"{dataset_name}: TEST.PERSON_SEARCH.USE_GT_BOXES needs the annotated "
+                         f"boxes of every gallery image; {len(missing)} are not in the data "
+                         f"set's dicts (e.g. {missing[0]})")
+    return {name: boxes for name, (boxes, _) in ground_truth.items()}
+
+
 def build_person_search_test_loader(
     cfg, dataset_name: str, protocol=None, mode: Optional[str] = None, shortlist=None
 ):
@@ -102,13 +123,19 @@ def build_person_search_test_loader(
             cascade's first stage asks for ``"agnostic"`` with a query-guided model.
         shortlist: pairs only: query index -> the gallery images to pair it with (the
             cascade's second stage); None = whole galleries.
+
+    With ``TEST.PERSON_SEARCH.USE_GT_BOXES`` every gallery-image and pair record carries its
+    image's annotated boxes as ``given_boxes`` (the model scores those instead of detecting).
     """
     from qeeps_d2.evaluation.search_inputs import build_search_records
 
     protocol = protocol if protocol is not None else load_test_protocol(cfg, dataset_name)
     mode = mode or ("pairs" if uses_pairs(cfg) else "agnostic")
     indices = evaluated_queries(cfg, protocol)
-    records = build_search_records(protocol, mode, indices, shortlist)
+    gt_boxes = None
+    if cfg.TEST.PERSON_SEARCH.USE_GT_BOXES:
+        gt_boxes = gallery_gt_boxes(dataset_name, protocol.gallery_images(indices))
+    records = build_search_records(protocol, mode, indices, shortlist, gallery_boxes=gt_boxes)
     sizes = _image_sizes(
         dataset_name, {r["image_id"] for r in records}
         | {r["query_image_id"] for r in records if "query_image_id" in r}, protocol.image_root,
@@ -122,8 +149,9 @@ def build_person_search_test_loader(
     batch_sampler = SizeGroupedInferenceBatchSampler(
         [record_size_key(r, min_size, max_size) for r in records], batch_size
     )
-    logger.info("%s: %d %s records%s in %d batches of one image size each", dataset_name,
+    logger.info("%s: %d %s records%s%s in %d batches of one image size each", dataset_name,
                 len(records), mode, "" if shortlist is None else " (cascade shortlist)",
+                " with ground-truth boxes" if gt_boxes is not None else "",
                 len(batch_sampler.batches))
     return torchdata.DataLoader(
         MapDataset(DatasetFromList(records, copy=False), PersonSearchMapper(cfg, is_train=False)),

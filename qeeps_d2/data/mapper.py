@@ -8,6 +8,8 @@ Record kinds (flat Detectron2-style dicts):
 - pair: a gallery scene image + ``query_file_name`` + ``query_box`` [+ ``query_pid``] -> also
   ``query_image`` and ``query_box`` (query-image pixels) and, in training,
   ``instances.gt_is_query``. Both images get the same resize policy and the same flip.
+- given boxes (evaluation with ground-truth boxes): ``given_boxes`` [[x1, y1, x2, y2], ...]
+  (original pixels) -> (M, 4) float32 tensor in the transformed image's pixels.
 Every other record key (``query_index``, ``image_id`` ...) is passed through.
 
 In training (``is_train``) a record whose image (or query image) cannot be read -- missing,
@@ -108,6 +110,9 @@ class PersonSearchMapper(DatasetMapper):
         elif "query_box" in record:
             box = _check_box(record["query_box"], width, height, record["file_name"])
             record["query_box"] = torch.as_tensor(transforms.apply_box(box[None])[0]).float()
+        if "given_boxes" in record:
+            boxes = np.asarray(record["given_boxes"], dtype=np.float64).reshape(-1, 4)
+            record["given_boxes"] = torch.as_tensor(transforms.apply_box(boxes)).float()
 
         annotations = record.pop("annotations", None)
         if self.is_train and annotations is not None:

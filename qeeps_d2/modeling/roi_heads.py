@@ -187,6 +187,49 @@ class QEEPSROIHeads(Res5ROIHeads):
         with self._running_statistics():
             return self.embed(self.box_features(features, boxes))
 
+    def forward_given_boxes(
+        self,
+        features: Dict[str, torch.Tensor],
+        proposals: List[Instances],
+        query_embeds: Optional[torch.Tensor] = None,
+    ) -> List[Instances]:
+        """Inference on given boxes (evaluation with ground-truth boxes): each box is a
+        detection as it is; no box regression, no NMS, no score threshold.
+
+        Args:
+            features: backbone features of B images.
+            proposals: B ``Instances`` with ``proposal_boxes`` (M_i, 4) XYXY in image pixels.
+            query_embeds: (B, D) embedding of each image's query (pair mode), or None.
+        Returns:
+            B ``Instances`` (the proposals' image sizes), one row per given box in order:
+            ``pred_boxes`` (the box), ``scores`` (ClsNet person probability), ``pred_classes``
+            (0), ``pred_embeds`` (M_i, D) and, with a query, ``pred_sims`` (M_i,) (QSimNet
+            probability when it is enabled, else the cosine with the query embedding).
+        """
+        num = [len(p) for p in proposals]
+        if sum(num):
+            feats = self.box_features(features, [p.proposal_boxes for p in proposals])
+            probs = self.box_predictor.predict_probs(self.box_predictor(feats), proposals)
+            embeds = self.embed(feats).split(num)
+        else:  # no box at all: nothing to pool
+            device = next(iter(features.values())).device
+            dim = self.reid_head.proj.out_features
+            probs = [torch.zeros(0, self.num_classes + 1, device=device)] * len(num)
+            embeds = [torch.zeros(0, dim, device=device)] * len(num)
+        results = []
+        for i, (p, prob, emb) in enumerate(zip(proposals, probs, embeds)):
+            res = Instances(p.image_size)
+            res.pred_boxes = p.proposal_boxes.clone()
+            res.scores = prob[:, 0]
+            res.pred_classes = torch.zeros(len(p), dtype=torch.int64, device=emb.device)
+            res.pred_embeds = emb
+            if query_embeds is not None:
+                q = query_embeds[i : i + 1]
+                res.pred_sims = (self.qsimnet.similarity(q, emb) if self.qsimnet is not None
+                                 else emb @ q[0])
+            results.append(res)
+        return results
+
     def forward(
         self,
         images,
