@@ -96,6 +96,11 @@ def add_qeeps_config(cfg):
     # Gallery images sampled per query and epoch (-1 = every gallery image holding the query
     # person, the CUHK-SYSU recipe; 3 for PRW).
     _C.DATALOADER.PAIRS.GALLERIES_PER_QUERY = -1
+    # Query-box jittering in training (paper Sec. 4.4, augmenting the QRPN positives): each side of
+    # the query box moves by a uniform random amount of up to this fraction of the box width
+    # (left/right) or height (top/bottom), then the box is clipped to the query image; in [0, 0.5)
+    # so the box never empties. 0 = off; never applied at test time. The paper configs use 0.1.
+    _C.DATALOADER.PAIRS.QUERY_BOX_JITTER = 0.0
 
     # Person-search evaluation.
     _C.TEST.PERSON_SEARCH = CN()
