@@ -63,8 +63,11 @@ def add_qeeps_config(cfg):
     # Turn QSimNet on; off, the similarity is the cosine of the embeddings.
     _C.MODEL.QEEPS.QSIMNET.ENABLED = False
     # At inference, detections with a ClsNet score below this are removed before the
-    # QSimNet-driven NMS (the paper's 10^-2).
-    _C.MODEL.QEEPS.QSIMNET.MIN_DET_SCORE = 0.01
+    # QSimNet-driven NMS. -1 = TEST.PERSON_SEARCH.DET_THRESH: the protocol's threshold acts
+    # before the NMS. 0.01 = the paper's 10^-2; the evaluation then drops detections below
+    # DET_THRESH only after the NMS, so a poorly detected box very similar to the query can
+    # suppress the target and then be dropped itself.
+    _C.MODEL.QEEPS.QSIMNET.MIN_DET_SCORE = -1.0
 
     # OIM loss (lookup table of labeled identities + circular queue of unlabeled features).
     _C.MODEL.QEEPS.OIM = CN()

@@ -145,7 +145,8 @@ class QEEPSROIHeads(Res5ROIHeads):
                 momentum=q.OIM.MOMENTUM,
             ),
             qsimnet=QSimNet(q.EMBED_DIM) if q.QSIMNET.ENABLED else None,
-            min_det_score=q.QSIMNET.MIN_DET_SCORE,
+            min_det_score=(cfg.TEST.PERSON_SEARCH.DET_THRESH if q.QSIMNET.MIN_DET_SCORE < 0
+                           else q.QSIMNET.MIN_DET_SCORE),
             trunk_grad_scale=q.OIM.TRUNK_GRAD_SCALE,
         )
         return ret
@@ -291,8 +292,9 @@ class QEEPSROIHeads(Res5ROIHeads):
                 for res, q in zip(results, query_embeds):
                     res.pred_sims = res.pred_embeds @ q
             return results
-        # QSimNet mode: ClsNet only removes detections scoring < min_det_score; the query
-        # similarity ranks the rest and drives their NMS.
+        # QSimNet mode: ClsNet only removes detections scoring < min_det_score (by default the
+        # protocol's TEST.PERSON_SEARCH.DET_THRESH, see MODEL.QEEPS.QSIMNET.MIN_DET_SCORE); the
+        # query similarity ranks the rest and drives their NMS.
         boxes = self.box_predictor.predict_boxes(predictions, proposals)
         probs = self.box_predictor.predict_probs(predictions, proposals)
         results = []
