@@ -19,6 +19,9 @@ TINY = [
     "SOLVER.IMS_PER_BATCH", "2", "SOLVER.EPOCHS", "0", "SOLVER.MAX_ITER", "1",
     "SOLVER.STEPS", "()", "SOLVER.WARMUP_ITERS", "0", "DATALOADER.NUM_WORKERS", "0",
     "TEST.PERSON_SEARCH.MAX_QUERIES", "2", "TEST.PERSON_SEARCH.BATCH_SIZE", "4",
+    # every detection kept, so that the one-iteration models score above 0 (the table's numbers
+    # are then worth comparing with the results files)
+    "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0", "TEST.PERSON_SEARCH.DET_THRESH", "0.0",
 ]
 
 
@@ -34,6 +37,44 @@ def test_top_matches_marks_right_and_wrong():
     assert [s for *_, s, _ in found] == [0.7, 0.6, 0.5]
 
 
+def _table_row(printed, label):
+    """The cells of the table row ``label`` (the last one printed)."""
+    rows = [line for line in printed.splitlines() if line.startswith(f"| {label} |")]
+    assert rows, printed
+    return [c.strip() for c in rows[-1].strip("|").split("|")]
+
+
+def _check_table_numbers(printed, eval_dirs):
+    """Every mAP / top-1 of the printed table and of the "QEEPS - OIM" line is the numpy
+    protocol's score of that model's results file (G50 and G100 from the same file), and the G100
+    numbers are also the evaluation's own metrics."""
+    from qeeps_d2.data.catalog import load_protocol
+    from qeeps_d2.evaluation.results_file import read_results
+    from qeeps_d2.evaluation.search_metrics import score_search
+
+    got = {}
+    for label, eval_dir in eval_dirs.items():
+        detections = read_results(
+            str(eval_dir / "inference" / "synthps_test_results.json.gz")).detections_by_query()
+        assert len(detections) == 2  # TEST.PERSON_SEARCH.MAX_QUERIES
+        numbers = []
+        for size in (50, 100):
+            scores = score_search(load_protocol("synthps_test", size), detections, 0.0,
+                                  query_indices=sorted(detections))
+            numbers += [100 * scores.mean_ap, 100 * scores.top_k(1)]
+        metrics = json.loads((eval_dir / "inference" / "synthps_test_metrics.json").read_text())
+        assert metrics["person_search"]["mAP"] == pytest.approx(numbers[2])
+        assert metrics["person_search"]["top1"] == pytest.approx(numbers[3])
+        assert _table_row(printed, label)[1:5] == [f"{v:.1f}" for v in numbers], printed
+        got[label] = numbers
+    oim, qeeps = got.values()
+    # not a vacuous check: some number differs from 0 and between gallery sizes (with every
+    # detection kept, the one-iteration QEEPS finds a target)
+    assert any(v > 0 for v in oim + qeeps) and (oim[0], qeeps[0]) != (oim[2], qeeps[2]), printed
+    assert (f"QEEPS - OIM: mAP {qeeps[2] - oim[2]:+.1f} pp, top-1 {qeeps[3] - oim[3]:+.1f} pp"
+            in printed), printed
+
+
 def test_demo_end_to_end_at_minimal_size(tmp_path, monkeypatch, capsys):
     datasets = tmp_path / "datasets"
     generate_synthps(
@@ -47,6 +88,8 @@ def test_demo_end_to_end_at_minimal_size(tmp_path, monkeypatch, capsys):
     printed = capsys.readouterr().out
     assert "| OIM |" in printed and "| QEEPS (cascade, K=10) |" in printed
     assert "QEEPS - OIM" in printed
+    _check_table_numbers(printed, {"OIM": out / "oim" / "eval_G100",
+                                   "QEEPS (cascade, K=10)": out / "qeeps" / "eval_G100_cascade10"})
     metrics = out / "qeeps" / "eval_G100_cascade10" / "inference" / "synthps_test_metrics.json"
     assert json.loads(metrics.read_text())["mode"] == "cascade"
     report = out / "report.html"
