@@ -96,7 +96,7 @@ def _read(out):
 
 
 @pytest.mark.parametrize("run", ["agnostic", "pairs", "cascade"])
-def test_evaluation_with_gt_boxes(run, cuhk, monkeypatch, tmp_path):
+def test_evaluation_with_gt_boxes(run, cuhk, monkeypatch, tmp_path, capsys):
     """Trainer.test (the --eval-only path): every gallery image of every query holds exactly its
     annotated boxes (original pixels) with det_score 1, the results are labelled, and the mAP
     and top-k are the numpy protocol's on those rows."""
@@ -135,6 +135,15 @@ def test_evaluation_with_gt_boxes(run, cuhk, monkeypatch, tmp_path):
     assert search["mAP"] == pytest.approx(100 * scores.mean_ap)
     assert search["top1"] == pytest.approx(100 * scores.top_k(1))
     assert search["num_queries"] == 2
+    if run == "agnostic":  # qeeps-eval scores the file alike and says it holds GT boxes
+        from qeeps_d2.evaluation.cli import main
+
+        path = str(tmp_path / "inference" / "cuhk_sysu_test_gtboxes_results.json.gz")
+        assert main(["--dataset", "cuhk_sysu_test", "--json", path]) == 0
+        printed = capsys.readouterr().out.strip().splitlines()
+        assert "with ground-truth boxes" in printed[0]
+        cli = json.loads(printed[-1])
+        assert cli["gt_boxes"] is True and 100 * cli["mAP"] == pytest.approx(search["mAP"])
 
 
 def test_train_net_eval_only_with_gt_boxes(cuhk, tmp_path):
