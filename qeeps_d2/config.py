@@ -63,8 +63,11 @@ def add_qeeps_config(cfg):
     # Turn QSimNet on; off, the similarity is the cosine of the embeddings.
     _C.MODEL.QEEPS.QSIMNET.ENABLED = False
     # At inference, detections with a ClsNet score below this are removed before the
-    # QSimNet-driven NMS (the paper's 10^-2).
-    _C.MODEL.QEEPS.QSIMNET.MIN_DET_SCORE = 0.01
+    # QSimNet-driven NMS. -1 = TEST.PERSON_SEARCH.DET_THRESH: the protocol's threshold acts
+    # before the NMS. 0.01 = the paper's 10^-2; the evaluation then drops detections below
+    # DET_THRESH only after the NMS, so a poorly detected box very similar to the query can
+    # suppress the target and then be dropped itself.
+    _C.MODEL.QEEPS.QSIMNET.MIN_DET_SCORE = -1.0
 
     # OIM loss (lookup table of labeled identities + circular queue of unlabeled features).
     _C.MODEL.QEEPS.OIM = CN()
@@ -96,6 +99,11 @@ def add_qeeps_config(cfg):
     # Gallery images sampled per query and epoch (-1 = every gallery image holding the query
     # person, the CUHK-SYSU recipe; 3 for PRW).
     _C.DATALOADER.PAIRS.GALLERIES_PER_QUERY = -1
+    # Query-box jittering in training (paper Sec. 4.4, augmenting the QRPN positives): each side of
+    # the query box moves by a uniform random amount of up to this fraction of the box width
+    # (left/right) or height (top/bottom), then the box is clipped to the query image; in [0, 0.5)
+    # so the box never empties. 0 = off; never applied at test time. The paper configs use 0.1.
+    _C.DATALOADER.PAIRS.QUERY_BOX_JITTER = 0.0
 
     # Person-search evaluation.
     _C.TEST.PERSON_SEARCH = CN()
@@ -113,6 +121,12 @@ def add_qeeps_config(cfg):
     # (every query-gallery pair); K > 0 = the same network query-agnostically over the gallery
     # images once, then pair mode only on each query's top-K images (results labelled cascade).
     _C.TEST.PERSON_SEARCH.CASCADE_TOPK = 0
+    # Evaluate with ground-truth boxes (SeqNet's EVAL_USE_GT): the gallery detections are the
+    # annotated person boxes of each gallery image, scored by the model (embedding, or QSimNet /
+    # cosine similarity in pair mode) without RPN/QRPN, box regression or NMS; their det_score is
+    # 1 so that no threshold drops them. Results are labelled: metrics "person_search_gt_boxes",
+    # files <dataset>_gtboxes_{results.json.gz,metrics.json}. Re-identification alone.
+    _C.TEST.PERSON_SEARCH.USE_GT_BOXES = False
 
     # Optimizer: "SGD" (Detectron2's, the paper's) or "ADAMW" (converges much faster when training
     # from scratch, as the CPU-sized SynthPS configs do; uses BASE_LR and WEIGHT_DECAY).

@@ -72,8 +72,11 @@ _CUHK_GALLERIES = {
 }
 
 
-def make_cuhk_sysu_fixture(root: str) -> dict:
+def make_cuhk_sysu_fixture(root: str, image_sizes: dict = None) -> dict:
     """Write a 10-image CUHK-SYSU data set (4 train, 6 test images) into ``root``.
+
+    ``image_sizes`` (name -> (height, width)) overrides the default sizes (all 80 x 100 but
+    s2.jpg, 90 x 120); each must hold the image's boxes.
 
     Content: 2 train identities, 2 test queries with TestG50 and TestG100 lists. Quirks covered:
     interleaved train/test images, pool order different from Images.mat order, zero-size boxes
@@ -93,6 +96,7 @@ def make_cuhk_sysu_fixture(root: str) -> dict:
     """
     sizes = {name: (80, 100) for name in _CUHK_IMAGES}
     sizes["s2.jpg"] = (90, 120)
+    sizes.update(image_sizes or {})
     for seed, (name, (height, width)) in enumerate(sizes.items()):
         _write_jpeg(os.path.join(root, "Image", "SSM", name), height, width, seed)
     test = {size: [(query, gallery) for query, gallery in zip(_CUHK_QUERIES, lists)]

@@ -20,6 +20,9 @@ def tiny_search_cfg(guided: bool):
     """The tiny test config (all three query-guidance blocks on or off) keeping low-score boxes."""
     cfg = model_fixtures.tiny_cfg(qsse=guided, qrpn=guided, qsimnet=guided)
     cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.0
+    # the paper's ClsNet cut before the QSimNet NMS (not DET_THRESH): the guided model keeps
+    # low-score boxes too, and the search's own DET_THRESH filter matters for it
+    cfg.MODEL.QEEPS.QSIMNET.MIN_DET_SCORE = 0.01
     cfg.TEST.PERSON_SEARCH.DET_THRESH = DET_THRESH
     return cfg
 

@@ -20,6 +20,9 @@ TINY = [
     "SOLVER.STEPS", "()", "SOLVER.WARMUP_ITERS", "0", "DATALOADER.NUM_WORKERS", "0",
     "TEST.PERSON_SEARCH.MAX_QUERIES", "2", "TEST.PERSON_SEARCH.BATCH_SIZE", "4",
 ]
+EVAL_DIRS = {"OIM": os.path.join("oim", "eval_G100"),
+             "QEEPS (cascade, K=10)": os.path.join("qeeps", "eval_G100_cascade10")}
+RESULTS = os.path.join("inference", "synthps_test_results.json.gz")
 
 
 def test_top_matches_marks_right_and_wrong():
@@ -32,6 +35,75 @@ def test_top_matches_marks_right_and_wrong():
     assert [(n, c) for n, _, _, _, c in found] == [("a.jpg", False), ("b.jpg", False),
                                                    ("a.jpg", True)]
     assert [s for *_, s, _ in found] == [0.7, 0.6, 0.5]
+
+
+def _table_row(printed, label):
+    """The cells of the table row ``label`` (the last one printed)."""
+    rows = [line for line in printed.splitlines() if line.startswith(f"| {label} |")]
+    assert rows, printed
+    return [c.strip() for c in rows[-1].strip("|").split("|")]
+
+
+def _check_table_numbers(printed, out, with_metrics=True):
+    """Every mAP / top-1 of the printed table and of the "QEEPS - OIM" line is the numpy
+    protocol's score of that model's results file (G50 and G100 from the same file); with
+    ``with_metrics`` the G100 numbers are also the evaluation's own metrics.
+
+    Returns:
+        label -> [mAP G50, top-1 G50, mAP G100, top-1 G100] (percent).
+    """
+    from qeeps_d2.data.catalog import load_protocol
+    from qeeps_d2.evaluation.results_file import read_results
+    from qeeps_d2.evaluation.search_metrics import score_search
+
+    got = {}
+    for label, eval_dir in EVAL_DIRS.items():
+        detections = read_results(str(out / eval_dir / RESULTS)).detections_by_query()
+        assert len(detections) == 2  # TEST.PERSON_SEARCH.MAX_QUERIES
+        numbers = []
+        for size in (50, 100):
+            scores = score_search(load_protocol("synthps_test", size), detections, 0.5,
+                                  query_indices=sorted(detections))
+            numbers += [100 * scores.mean_ap, 100 * scores.top_k(1)]
+        if with_metrics:
+            metrics = json.loads((out / eval_dir / "inference" / "synthps_test_metrics.json")
+                                 .read_text())["person_search"]
+            assert [metrics["mAP"], metrics["top1"]] == pytest.approx(numbers[2:])
+        assert _table_row(printed, label)[1:5] == [f"{v:.1f}" for v in numbers], printed
+        got[label] = numbers
+    oim, qeeps = got.values()
+    assert (f"QEEPS - OIM: mAP {qeeps[2] - oim[2]:+.1f} pp, top-1 {qeeps[3] - oim[3]:+.1f} pp"
+            in printed), printed
+    return got
+
+
+def _plant_results(out):
+    """Replace both models' results files with known rows (a one-iteration model scores about
+    0, which would make the table check vacuous): per query and gallery entry, the target's
+    true box and a distractor; OIM ranks the target below every distractor, QEEPS above those
+    of G50 images but below those of every other G100-only image: OIM G100 < OIM G50 <
+    QEEPS G100 < QEEPS G50."""
+    from qeeps_d2.data.catalog import load_protocol
+    from qeeps_d2.evaluation.results_file import read_results, write_results
+
+    g50, g100 = load_protocol("synthps_test", 50), load_protocol("synthps_test", 100)
+    for label, eval_dir in EVAL_DIRS.items():
+        path = str(out / eval_dir / RESULTS)
+        results = read_results(path)
+        for q in results.queries:
+            small = set(g50.gallery(q.index).images)
+            gallery, q.gallery = g100.gallery(q.index), {}
+            for k, (name, box) in enumerate(zip(gallery.images, gallery.gt_boxes)):
+                if label == "OIM":
+                    distractor = 0.5
+                else:
+                    distractor = 0.3 if name in small or k % 2 else 0.95
+                rows = [[0.0, 0.0, 4.0, 4.0, 0.9, distractor]]
+                if not np.isnan(box[0]):
+                    rows.append([*box.tolist(), 0.9, 0.4 if label == "OIM" else 0.9])
+                q.gallery[name] = np.array(rows)
+        write_results(path, results.dataset, results.queries, results.gallery_detections,
+                      **results.extra)
 
 
 def test_demo_end_to_end_at_minimal_size(tmp_path, monkeypatch, capsys):
@@ -47,6 +119,7 @@ def test_demo_end_to_end_at_minimal_size(tmp_path, monkeypatch, capsys):
     printed = capsys.readouterr().out
     assert "| OIM |" in printed and "| QEEPS (cascade, K=10) |" in printed
     assert "QEEPS - OIM" in printed
+    _check_table_numbers(printed, out)
     metrics = out / "qeeps" / "eval_G100_cascade10" / "inference" / "synthps_test_metrics.json"
     assert json.loads(metrics.read_text())["mode"] == "cascade"
     report = out / "report.html"
@@ -54,10 +127,16 @@ def test_demo_end_to_end_at_minimal_size(tmp_path, monkeypatch, capsys):
     assert html.count("<img") == 2 and "Query" in html
     for model in ("oim", "qeeps"):
         assert (out / model / "model_final.pth").is_file()
-    # a second run reuses the trained models and evaluations (no retraining)
+    # a second run reuses the trained models and evaluations (no retraining); its table comes
+    # from the results files, here replaced with rows of known, non-zero and distinct scores
     mtime = os.path.getmtime(out / "oim" / "model_final.pth")
+    _plant_results(out)
     assert demo.main(["--out", str(out), "--queries", "1", *TINY]) == 0
     assert os.path.getmtime(out / "oim" / "model_final.pth") == mtime
+    got = _check_table_numbers(capsys.readouterr().out, out, with_metrics=False)
+    oim, qeeps = got["OIM"], got["QEEPS (cascade, K=10)"]
+    assert 0 < oim[2] < oim[0] < qeeps[2] < qeeps[0] == 100.0
+    assert qeeps[1] == 100.0 and oim[1] == 0.0
     # exhaustive evaluation is a separate result, not the cascade one reused
     assert demo.main(["--out", str(out), "--queries", "1", "--cascade-topk", "0", *TINY]) == 0
     assert "| QEEPS |" in capsys.readouterr().out

@@ -21,8 +21,9 @@ def runs(tmp_path_factory):
     torch.save(dist_eval_worker.guided_model().state_dict(), weights)
     threads = torch.get_num_threads()
     try:
-        # batches of 2 pairs: the two ranks' shards (odd-sized for 5 pairs per query) batch
-        # differently from the single process; the fixture's images share one size
+        # batches of 2 pairs: with shards cut at arbitrary records (5 pairs per query) the two
+        # ranks would batch differently from the single process; the fixture's images share one
+        # size (the sharding of size-grouped batches: tests/test_batch_composition.py)
         launch(dist_eval_worker.evaluate_runs, 1, args=(weights, str(tmp / "one"), 2))
         launch(dist_eval_worker.evaluate_runs, 2, dist_url="auto",
                args=(weights, str(tmp / "two"), 2))
@@ -45,22 +46,3 @@ def test_two_processes_write_the_single_process_results(runs, name):
         assert json.load(f) == metrics_one
     if name == "cascade":
         assert (one["cascade_topk"], one["num_pairs"]) == (2, 4)
-
-
-@pytest.mark.parametrize("world_size,size,batch_size,shards", [
-    (2, 10, 2, [range(0, 6), range(6, 10)]),   # 5 batches: 3 + 2
-    (2, 9, 4, [range(0, 8), range(8, 9)]),     # the last batch is short
-    (3, 7, 1, [range(0, 3), range(3, 5), range(5, 7)]),  # = InferenceSampler
-    (2, 1, 4, [range(0, 1), range(1, 1)]),     # fewer batches than ranks
-])
-def test_batch_aligned_sampler_shards_whole_batches(world_size, size, batch_size, shards,
-                                                    monkeypatch):
-    from detectron2.utils import comm
-
-    from qeeps_d2.data.build import BatchAlignedInferenceSampler
-
-    monkeypatch.setattr(comm, "get_world_size", lambda: world_size)
-    for rank, shard in enumerate(shards):
-        monkeypatch.setattr(comm, "get_rank", lambda: rank)
-        sampler = BatchAlignedInferenceSampler(size, batch_size)
-        assert list(sampler) == list(shard) and len(sampler) == len(shard)

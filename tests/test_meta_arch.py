@@ -29,6 +29,9 @@ def _model(qsse=False, qrpn=False, qsimnet=False, freeze_at=0, loss_weights=None
     cfg.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE = 64
     cfg.MODEL.ROI_HEADS.POSITIVE_FRACTION = 1.0
     cfg.MODEL.BACKBONE.FREEZE_AT = freeze_at
+    # the paper's ClsNet cut before the QSimNet NMS: few boxes of a random model reach the
+    # protocol's DET_THRESH 0.5, and these tests need detections
+    cfg.MODEL.QEEPS.QSIMNET.MIN_DET_SCORE = 0.01
     for key, value in (loss_weights or {}).items():
         setattr(cfg.MODEL.QEEPS.LOSS_WEIGHTS, key.upper(), value)
     torch.manual_seed(0)
@@ -261,3 +264,83 @@ def test_qsse_pairs_do_not_share_the_query_pass():
         model(pairs)
     hook.remove()
     assert calls == [4]
+
+
+def test_qsse_squeeze_ignores_the_batch_padding():
+    """A pair of small images run alone, then padded into the canvas of a larger pair: every QSSE
+    block squeezes each image over its own area only. Convolutions near the image border see the
+    padding differently in the two runs, so the test gives the second run the first run's
+    residual outputs U inside each image's valid region (the canvas keeps its own values
+    outside it) and checks that every block then excites with the same s."""
+    model = _model(qsse=True).eval()
+    g = torch.Generator().manual_seed(3)
+    img = lambda h, w: torch.randint(0, 255, (3, h, w), generator=g).float()  # noqa: E731
+    small = {"image": img(45, 61), "height": 45, "width": 61,
+             "query_image": img(37, 50), "query_box": torch.tensor([5.0, 4, 30, 35])}
+    large = {"image": img(80, 100), "height": 80, "width": 100,
+             "query_image": img(70, 90), "query_box": torch.tensor([10.0, 8, 50, 60])}
+    blocks = model.backbone.qsse_blocks
+    alone_u, alone_valid, excitations = [], [], []
+
+    def record(m, args):  # run alone: rows (gallery, query)
+        alone_u.append(args[0])
+        alone_valid.append(args[2])
+
+    def substitute(m, args):  # batched with the large pair: rows (g_large, g, q_large, q)
+        u, num_pairs, valid = args
+        i = len(excitations)
+        assert torch.equal(valid[[1, 3]], alone_valid[i])
+        u = u.clone()
+        for row, alone_row in ((1, 0), (3, 1)):
+            h, w = alone_valid[i][alone_row].tolist()
+            u[row, :, :h, :w] = alone_u[i][alone_row, :, :h, :w]
+        return u, num_pairs, valid
+
+    hooks = [b.qsse.register_forward_hook(lambda m, args, s: excitations.append(s))
+             for b in blocks]
+    pre_hooks = [b.qsse.register_forward_pre_hook(record) for b in blocks]
+    with torch.no_grad():
+        model._siamese_features([small])
+        alone = excitations[:]
+        excitations.clear()
+        for hook in pre_hooks:
+            hook.remove()
+        pre_hooks = [b.qsse.register_forward_pre_hook(substitute) for b in blocks]
+        model._siamese_features([large, small])
+    for hook in hooks + pre_hooks:
+        hook.remove()
+    assert len(alone) == len(excitations) == len(blocks) > 0
+    for u, valid in zip(alone_u, alone_valid):  # the gallery image fills the canvas alone
+        assert tuple(valid[0].tolist()) == tuple(u.shape[2:])
+    assert (alone_valid[0][1] < alone_valid[0][0]).all()  # the query is padded even alone
+    for s_alone, s_batch in zip(alone, excitations):
+        assert torch.allclose(s_batch[[1, 3]], s_alone, atol=1e-6)
+
+
+@pytest.mark.parametrize("row", ["oim+qsimnet", "qeeps"])
+def test_pair_training_embeds_the_queries_as_at_test_time(row):
+    """In a pair training step the query path (res5 + re-id head on the query boxes) leaves
+    every running statistic of the model as it was, and gives the embedding of eval mode."""
+    model = _eval_model(row)  # settled, non-trivial running statistics (NORM "BN")
+    heads = model.roi_heads
+    embed_boxes = heads.embed_boxes
+    seen = {}
+
+    def checked(features, boxes):
+        before = {k: v.clone() for k, v in model.named_buffers()}
+        embeds = embed_boxes(features, boxes)
+        seen["changed"] = [k for k, v in model.named_buffers() if not torch.equal(v, before[k])]
+        heads.eval()
+        with torch.no_grad():
+            seen["eval"] = embed_boxes(features, boxes)
+        heads.train()
+        seen["train"] = embeds
+        return embeds
+
+    heads.embed_boxes = checked
+    losses = _train_step(model, model_fixtures.pair_inputs())
+    assert seen["changed"] == []
+    assert seen["train"].shape == (2, 16) and seen["train"].requires_grad
+    assert torch.allclose(seen["train"], seen["eval"], atol=1e-5)
+    assert all(torch.isfinite(v) for v in losses.values())
+    assert heads.reid_head.proj.weight.grad.abs().sum() > 0

@@ -187,3 +187,45 @@ def test_disabled_qrpn_has_no_query_branch():
     rpn = QueryGuidedRPN(model_fixtures.tiny_cfg(qrpn=False), SHAPE)
     assert not rpn.enabled
     assert not any(k.startswith("query_") for k in rpn.state_dict())
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_summed_objectness_adds_each_anchors_own_logits(training):
+    """Anchor by anchor: the logit used for the proposals of anchor i = (y, x, a) (Detectron2's
+    order, index (y * Wi + x) * A + a) is stock[a, y, x] + qrpn[a, y, x], with a query head
+    whose logits vary over anchors and positions."""
+    qrpn, _ = _qrpn_and_stock(0.0)
+    with torch.no_grad():
+        qrpn.query_head.objectness_logits.weight.normal_(std=1.0)
+        qrpn.query_head.objectness_logits.bias.copy_(torch.linspace(-2, 2, 15))
+    qrpn.train(training)
+    images, features, gt, query_features, query_boxes = _rpn_inputs(3)
+    seen = {}
+    qrpn.rpn_head.register_forward_hook(lambda m, i, o: seen.update(stock=o[0][0]))
+    qrpn.query_head.register_forward_hook(lambda m, i, o: seen.update(query=o[0]))
+    predict = qrpn.predict_proposals
+
+    def record(anchors, logits, *args):
+        seen.setdefault("anchors", anchors)
+        seen.setdefault("summed", logits)
+        return predict(anchors, logits, *args)
+
+    qrpn.predict_proposals = record
+    with EventStorage():
+        qrpn(images, features, gt, query_features, query_boxes)
+    stock, query = seen["stock"], seen["query"]
+    (summed,), (anchors,) = seen["summed"], seen["anchors"]
+    num_images, num_anchors, height, width = stock.shape
+    assert query.shape == stock.shape == (2, 15, 8, 12)
+    assert query.std(dim=1).min() > 0.1 and query.std(dim=(2, 3)).min() > 0.1  # not constant
+    assert summed.shape == (num_images, height * width * num_anchors)
+    # anchor i is the a-th cell anchor at (x, y): its centre is (x, y) * stride
+    centres = anchors.get_centers().view(height, width, num_anchors, 2)
+    assert torch.allclose(centres[3, 5, 7], torch.tensor([5.0 * 16, 3.0 * 16]))
+    for y in range(height):
+        for x in range(width):
+            for a in range(num_anchors):
+                i = (y * width + x) * num_anchors + a
+                assert torch.allclose(
+                    summed[:, i], stock[:, a, y, x] + query[:, a, y, x], atol=1e-6
+                ), (y, x, a)

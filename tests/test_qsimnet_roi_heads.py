@@ -62,9 +62,11 @@ def test_qsimnet_matches_manual_computation():
 
 
 # ---------------------------------------------------------------------------------- ROI head
-def _heads(qsimnet=True, positive_fraction=0.25):
+def _heads(qsimnet=True, positive_fraction=0.25, min_det_score=None):
     cfg = model_fixtures.tiny_cfg(qsimnet=qsimnet)
     cfg.MODEL.ROI_HEADS.POSITIVE_FRACTION = positive_fraction
+    if min_det_score is not None:
+        cfg.MODEL.QEEPS.QSIMNET.MIN_DET_SCORE = min_det_score
     torch.manual_seed(0)
     return QEEPSROIHeads(cfg, SHAPE)
 
@@ -173,18 +175,14 @@ def test_inference_without_qsimnet_uses_cosine_similarity():
         assert torch.allclose(res.pred_sims, res.pred_embeds @ q)
 
 
-def test_qsimnet_inference_filters_on_det_score_and_nms_on_similarity(monkeypatch):
-    """A: det 0.9 / sim 0.2; B (IoU 0.88 with A): det 0.5 / sim 0.8; C: det 0.005 / sim 0.99;
-    D: det 0.02 / sim 0.5. C is dropped (det < MIN_DET_SCORE 0.01), D is kept (the ClsNet's
-    SCORE_THRESH_TEST 0.05 does not apply); NMS on the similarity keeps B over A."""
-    heads = _heads().eval()
+def _qsimnet_inference(monkeypatch, heads, boxes, det, sims):
+    """QSimNet-mode inference of ``heads`` on one image whose proposals ``boxes`` get exactly
+    these ClsNet scores ``det`` and query similarities ``sims`` (zero box deltas)."""
+    heads.eval()
     with torch.no_grad():  # zero box deltas: predicted boxes = the proposals
         heads.box_predictor.bbox_pred.weight.zero_()
         heads.box_predictor.bbox_pred.bias.zero_()
-    boxes = [[10, 10, 40, 60], [12, 10, 42, 60], [60, 10, 90, 60], [50, 0, 70, 20]]
-    proposals = [_proposals((64, 96), boxes)]
-    det = torch.tensor([0.9, 0.5, 0.005, 0.02])
-    sims = torch.tensor([0.2, 0.8, 0.99, 0.5])
+    det, sims = torch.tensor(det), torch.tensor(sims)
     monkeypatch.setattr(
         heads.box_predictor, "predict_probs",
         lambda preds, props: (torch.stack([det, 1 - det], dim=1),),
@@ -193,12 +191,51 @@ def test_qsimnet_inference_filters_on_det_score_and_nms_on_similarity(monkeypatc
     features = {"res4": torch.rand(1, 128, 4, 6)}
     query = F.normalize(torch.randn(1, EMBED_DIM), dim=1)
     with torch.no_grad():
-        (res,), _ = heads(None, features, proposals, query_embeds=query)
+        (res,), _ = heads(None, features, [_proposals((64, 96), boxes)], query_embeds=query)
+    return res
+
+
+def test_qsimnet_inference_filters_on_det_score_and_nms_on_similarity(monkeypatch):
+    """A: det 0.9 / sim 0.2; B (IoU 0.88 with A): det 0.5 / sim 0.8; C: det 0.005 / sim 0.99;
+    D: det 0.02 / sim 0.5. With the paper's MIN_DET_SCORE 0.01, C is dropped, D is kept (the
+    ClsNet's SCORE_THRESH_TEST 0.05 does not apply); NMS on the similarity keeps B over A."""
+    boxes = [[10, 10, 40, 60], [12, 10, 42, 60], [60, 10, 90, 60], [50, 0, 70, 20]]
+    res = _qsimnet_inference(monkeypatch, _heads(min_det_score=0.01), boxes,
+                             det=[0.9, 0.5, 0.005, 0.02], sims=[0.2, 0.8, 0.99, 0.5])
     assert res.pred_boxes.tensor.tolist() == [boxes[1], boxes[3]]
     assert torch.allclose(res.scores, torch.tensor([0.5, 0.02]))
     assert torch.allclose(res.pred_sims, torch.tensor([0.8, 0.5]))
     assert res.pred_classes.tolist() == [0, 0]
     assert torch.allclose(res.pred_embeds.norm(dim=1), torch.ones(2), atol=1e-5)
+
+
+@pytest.mark.parametrize("min_det_score", [-1.0, 0.01])
+def test_protocol_det_thresh_acts_before_the_similarity_nms(monkeypatch, min_det_score):
+    """The target T (det 0.9, sim 0.4) overlaps S (IoU 0.88), a box very similar to the query
+    (sim 0.95) but poorly detected (det 0.3). MIN_DET_SCORE -1 (the default) removes S with the
+    protocol's DET_THRESH 0.5 before the NMS: T survives. The paper's 0.01 lets S suppress T;
+    the evaluation then drops S (< DET_THRESH), and nothing is left."""
+    assert model_fixtures.tiny_cfg().MODEL.QEEPS.QSIMNET.MIN_DET_SCORE == -1.0
+    heads = _heads(min_det_score=min_det_score)
+    assert heads.min_det_score == (0.5 if min_det_score < 0 else 0.01)
+    target, similar = [10, 10, 40, 60], [12, 10, 42, 60]
+    res = _qsimnet_inference(monkeypatch, heads, [target, similar], det=[0.9, 0.3],
+                             sims=[0.4, 0.95])
+    if min_det_score < 0:
+        assert res.pred_boxes.tensor.tolist() == [target]
+        assert torch.allclose(res.scores, torch.tensor([0.9]))
+        assert torch.allclose(res.pred_sims, torch.tensor([0.4]))
+    else:
+        assert res.pred_boxes.tensor.tolist() == [similar]
+        assert not (res.scores >= 0.5).any()  # the evaluation's DET_THRESH keeps nothing
+
+
+def test_min_det_score_minus_one_follows_the_protocol_det_thresh():
+    cfg = model_fixtures.tiny_cfg(qsimnet=True)
+    cfg.TEST.PERSON_SEARCH.DET_THRESH = 0.3
+    assert QEEPSROIHeads(cfg, SHAPE).min_det_score == 0.3
+    cfg.MODEL.QEEPS.QSIMNET.MIN_DET_SCORE = 0.2
+    assert QEEPSROIHeads(cfg, SHAPE).min_det_score == 0.2
 
 
 def test_qsimnet_inference_on_random_features():
@@ -273,3 +310,41 @@ def test_reid_head_normalises_with_foreground_statistics():
     running = F.normalize(
         (z - head.norm.running_mean) / torch.sqrt(head.norm.running_var + head.norm.eps), dim=1)
     assert torch.allclose(head(x), running, atol=1e-5)
+
+
+def _buffers(module):
+    return {k: v.clone() for k, v in module.named_buffers()}
+
+
+def test_embed_boxes_in_training_uses_and_keeps_the_running_statistics():
+    """Query boxes are embedded as at test time, also in training: res5's BatchNorms (NORM "BN")
+    and the re-id head normalise with their running statistics and do not update them, and
+    the gradient still reaches their weights and the features."""
+    heads = _heads()
+    torch.manual_seed(4)
+    with torch.no_grad():  # running statistics far from those of the few boxes below
+        for name, buf in heads.named_buffers():
+            if name.endswith("running_mean"):
+                buf.normal_()
+            elif name.endswith("running_var"):
+                buf.uniform_(0.5, 2.0)
+    bn_names = [k for k, m in heads.named_modules()
+                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert any(k.startswith("res5.") for k in bn_names) and "reid_head.norm" in bn_names
+    features = {"res4": torch.rand(2, 128, 4, 6, requires_grad=True)}
+    boxes = [Boxes(torch.tensor([[5.0, 5, 35, 60]])), Boxes(torch.tensor([[20.0, 10, 60, 60]]))]
+    expected = heads.eval().embed_boxes({"res4": features["res4"].detach()}, boxes)
+    heads.train()
+    before = _buffers(heads)
+    embeds = heads.embed_boxes(features, boxes)
+    after = _buffers(heads)
+    assert all(torch.equal(before[k], after[k]) for k in before), [
+        k for k in before if not torch.equal(before[k], after[k])]
+    assert torch.allclose(embeds, expected, atol=1e-5)
+    assert all(m.training for m in heads.modules())  # the training mode is restored
+    embeds.pow(3).sum().backward()
+    grads = dict(heads.named_parameters())
+    for name in ("reid_head.proj.weight", "reid_head.norm.weight", "res5.0.conv1.weight",
+                 "res5.0.conv1.norm.weight", "res5.2.conv3.norm.bias"):
+        assert grads[name].grad is not None and grads[name].grad.abs().sum() > 0, name
+    assert features["res4"].grad.abs().sum() > 0

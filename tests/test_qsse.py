@@ -241,3 +241,60 @@ def test_fast_pool_stem_equals_stock_stem_and_its_gradient():
     (gx_stock,) = torch.autograd.grad(y_stock, x, g)
     (gx_fast,) = torch.autograd.grad(fast(x), x, g)
     assert torch.allclose(gx_stock, gx_fast, atol=1e-6)
+
+
+def test_excitation_squeezes_each_image_over_its_valid_region():
+    """Rows padded into a larger canvas (whatever the padding holds) give the same s as the
+    unpadded rows when their valid sizes are given; without them, the whole map is averaged."""
+    torch.manual_seed(0)
+    exc = QuerySiameseExcitation(channels=8, reduction=4)
+    gallery, query = torch.randn(1, 8, 5, 7), torch.randn(1, 8, 3, 6)
+    canvas = torch.randn(2, 8, 9, 10) * 5 + 3  # the padding is anything but zero
+    canvas[0, :, :5, :7], canvas[1, :, :3, :6] = gallery[0], query[0]
+    sizes = torch.tensor([[5, 7], [3, 6]])
+    expected = _reference_excitation(
+        torch.stack([gallery.mean(dim=(2, 3))[0], query.mean(dim=(2, 3))[0]])[:, :, None, None],
+        1, exc.fc1, exc.fc2,
+    )
+    s = exc(canvas, num_pairs=1, valid_sizes=sizes)
+    assert torch.allclose(s[:, :, 0, 0], expected, atol=1e-6)
+    whole = torch.tensor([[9, 10], [9, 10]])
+    assert torch.allclose(exc(canvas, 1, whole), exc(canvas, 1), atol=1e-6)
+    assert not torch.allclose(exc(canvas, 1), s, atol=1e-3)
+
+
+def _record_qsse_inputs(net):
+    """Hooks recording (U, num_pairs, valid_sizes) of every QSSE excitation, in block order."""
+    seen = []
+    hooks = [b.qsse.register_forward_pre_hook(lambda m, args: seen.append(args))
+             for b in net.qsse_blocks]
+    return seen, hooks
+
+
+@pytest.mark.parametrize("depth", [50, 18])
+@pytest.mark.parametrize("size", [(37, 50), (33, 49), (64, 96)])
+def test_backbone_valid_extent_is_the_unpadded_feature_size(depth, size):
+    """Each block's valid extent ceil(size / stride) equals the size of that block's U for the
+    image run unpadded (stem conv and max-pool, stride-2 convs: n -> ceil(n / 2))."""
+    qsse_net, _ = _backbones(depth, ["res2", "res3", "res4"])
+    qsse_net.eval()
+    h, w = size
+    image = torch.randn(1, 3, h, w)
+    seen, hooks = _record_qsse_inputs(qsse_net)
+    with torch.no_grad():
+        qsse_net(torch.cat([image, image]), num_pairs=1)
+        unpadded = [u.shape[2:] for u, _, _ in seen]
+        seen.clear()
+        canvas = torch.zeros(2, 3, 100, 130)
+        canvas[:, :, :h, :w] = image
+        qsse_net(canvas, num_pairs=1, image_sizes=[(h, w), (100, 130)])
+    for hook in hooks:
+        hook.remove()
+    assert len(seen) == len(unpadded) == len(qsse_net.qsse_blocks)
+    for (u, num_pairs, valid), extent in zip(seen, unpadded):
+        assert num_pairs == 1
+        assert tuple(valid[0].tolist()) == tuple(extent)
+        assert tuple(valid[1].tolist()) == tuple(u.shape[2:])  # the full canvas image
+    assert all(b.valid_sizes is None for b in qsse_net.qsse_blocks)  # reset after the forward
+    with pytest.raises(ValueError, match="3 image_sizes for a batch of 2"):
+        qsse_net(canvas, num_pairs=1, image_sizes=[(h, w)] * 3)

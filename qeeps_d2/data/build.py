@@ -2,24 +2,31 @@
 from __future__ import annotations
 
 import logging
-from typing import List, Optional
+import os
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import torch.utils.data as torchdata
 
 from detectron2.data import (
-    build_detection_test_loader,
+    DatasetCatalog,
+    DatasetFromList,
+    MapDataset,
     build_detection_train_loader,
     get_detection_dataset_dicts,
 )
-from detectron2.data.samplers import InferenceSampler
+from detectron2.data.build import trivial_batch_collator
 
 from .mapper import PersonSearchMapper
 from .pairs import build_pair_records
+from .size_batching import SizeGroupedInferenceBatchSampler, record_size_key
 
 __all__ = [
     "uses_pairs",
     "cascade_topk",
     "build_person_search_train_loader",
     "build_person_search_test_loader",
-    "BatchAlignedInferenceSampler",
+    "gallery_gt_boxes",
     "load_test_protocol",
     "evaluated_queries",
 ]
@@ -72,47 +79,83 @@ def evaluated_queries(cfg, protocol) -> Optional[List[int]]:
     return list(range(min(k, len(protocol)))) if k > 0 else None
 
 
-class BatchAlignedInferenceSampler(InferenceSampler):
-    """Detectron2's ``InferenceSampler`` (contiguous shards, every record exactly once) with
-    shard boundaries on multiples of ``batch_size``: each rank forms exactly the batches a single
-    process would, so a distributed evaluation gives the single-process outputs bit for bit
-    (the images of a batch are padded to a common size, and batch composition changes the
-    floating-point results slightly)."""
+def _image_sizes(dataset_name: str, names, image_root: str) -> Dict[str, Tuple[int, int]]:
+    """image name -> (height, width) in original pixels: from the data set's dicts, else (an
+    image the dicts do not hold) from the file's header."""
+    from PIL import Image
 
-    def __init__(self, size: int, batch_size: int):
-        self._batch_size = int(batch_size)
-        super().__init__(size)
+    sizes = {d["image_id"]: (int(d["height"]), int(d["width"]))
+             for d in DatasetCatalog.get(dataset_name) if "height" in d and "width" in d}
+    for name in set(names) - set(sizes):
+        with Image.open(os.path.join(image_root, name)) as image:
+            sizes[name] = (image.height, image.width)
+    return sizes
 
-    def _get_local_indices(self, total_size: int, world_size: int, rank: int) -> range:
-        num_batches = -(-total_size // self._batch_size)
-        batches = InferenceSampler._get_local_indices(num_batches, world_size, rank)
-        return range(min(batches.start * self._batch_size, total_size),
-                     min(batches.stop * self._batch_size, total_size))
+
+def gallery_gt_boxes(dataset_name: str, images) -> Dict[str, np.ndarray]:
+    """image name -> (M, 4) float64 XYXY annotated person boxes (original pixels) of each of
+    ``images``, from the data set's dicts (TEST.PERSON_SEARCH.USE_GT_BOXES).
+
+    Raises:
+        ValueError: an image the data set's dicts do not hold (its boxes are unknown).
+    """
+    from qeeps_d2.evaluation.detection_metrics import detection_ground_truth
+
+    wanted = set(images)
+    ground_truth = detection_ground_truth(DatasetCatalog.get(dataset_name), wanted)
+    missing = sorted(wanted - set(ground_truth))
+    if missing:
+        raise ValueError(f"{dataset_name}: TEST.PERSON_SEARCH.USE_GT_BOXES needs the annotated "
+                         f"boxes of every gallery image; {len(missing)} are not in the data "
+                         f"set's dicts (e.g. {missing[0]})")
+    return {name: boxes for name, (boxes, _) in ground_truth.items()}
 
 
 def build_person_search_test_loader(
     cfg, dataset_name: str, protocol=None, mode: Optional[str] = None, shortlist=None
 ):
-    """Records of the protocol (gallery images + query boxes, or pairs) through the mapper.
+    """Records of the protocol (gallery images + query boxes, or pairs) through the mapper, in
+    batches of at most ``TEST.PERSON_SEARCH.BATCH_SIZE`` records of one size after the test
+    resize (:mod:`qeeps_d2.data.size_batching`: results do not depend on batch composition).
 
     Args:
         mode: ``"agnostic"`` or ``"pairs"``; None = the model's own (``uses_pairs``). The
             cascade's first stage asks for ``"agnostic"`` with a query-guided model.
         shortlist: pairs only: query index -> the gallery images to pair it with (the
             cascade's second stage); None = whole galleries.
+
+    With ``TEST.PERSON_SEARCH.USE_GT_BOXES`` every gallery-image and pair record carries its
+    image's annotated boxes as ``given_boxes`` (the model scores those instead of detecting).
     """
     from qeeps_d2.evaluation.search_inputs import build_search_records
 
     protocol = protocol if protocol is not None else load_test_protocol(cfg, dataset_name)
     mode = mode or ("pairs" if uses_pairs(cfg) else "agnostic")
-    records = build_search_records(protocol, mode, evaluated_queries(cfg, protocol), shortlist)
-    logger.info("%s: %d %s records%s", dataset_name, len(records), mode,
-                "" if shortlist is None else " (cascade shortlist)")
+    indices = evaluated_queries(cfg, protocol)
+    gt_boxes = None
+    if cfg.TEST.PERSON_SEARCH.USE_GT_BOXES:
+        gt_boxes = gallery_gt_boxes(dataset_name, protocol.gallery_images(indices))
+    records = build_search_records(protocol, mode, indices, shortlist, gallery_boxes=gt_boxes)
+    sizes = _image_sizes(
+        dataset_name, {r["image_id"] for r in records}
+        | {r["query_image_id"] for r in records if "query_image_id" in r}, protocol.image_root,
+    )
+    for r in records:
+        r["height"], r["width"] = sizes[r["image_id"]]
+        if "query_image_id" in r:
+            r["query_height"], r["query_width"] = sizes[r["query_image_id"]]
     batch_size = cfg.TEST.PERSON_SEARCH.BATCH_SIZE
-    return build_detection_test_loader(
-        dataset=records,
-        mapper=PersonSearchMapper(cfg, is_train=False),
-        sampler=BatchAlignedInferenceSampler(len(records), batch_size),
-        batch_size=batch_size,
+    min_size, max_size = cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST
+    batch_sampler = SizeGroupedInferenceBatchSampler(
+        [record_size_key(r, min_size, max_size) for r in records], batch_size
+    )
+    logger.info("%s: %d %s records%s%s in %d batches of one image size each", dataset_name,
+                len(records), mode, "" if shortlist is None else " (cascade shortlist)",
+                " with ground-truth boxes" if gt_boxes is not None else "",
+                len(batch_sampler.batches))
+    return torchdata.DataLoader(
+        MapDataset(DatasetFromList(records, copy=False), PersonSearchMapper(cfg, is_train=False)),
+        batch_sampler=batch_sampler,
         num_workers=cfg.DATALOADER.NUM_WORKERS,
+        collate_fn=trivial_batch_collator,
     )

@@ -7,7 +7,11 @@ Record kinds (flat Detectron2-style dicts):
   tensor in the transformed image's pixels;
 - pair: a gallery scene image + ``query_file_name`` + ``query_box`` [+ ``query_pid``] -> also
   ``query_image`` and ``query_box`` (query-image pixels) and, in training,
-  ``instances.gt_is_query``. Both images get the same resize policy and the same flip.
+  ``instances.gt_is_query``. Both images get the same resize policy and the same flip. In
+  training the query box is jittered first (``DATALOADER.PAIRS.QUERY_BOX_JITTER``, see
+  :func:`jitter_box`);
+- given boxes (evaluation with ground-truth boxes): ``given_boxes`` [[x1, y1, x2, y2], ...]
+  (original pixels) -> (M, 4) float32 tensor in the transformed image's pixels.
 Every other record key (``query_index``, ``image_id`` ...) is passed through.
 
 In training (``is_train``) a record whose image (or query image) cannot be read -- missing,
@@ -23,11 +27,12 @@ import logging
 import numpy as np
 import torch
 
+from detectron2.config import configurable
 from detectron2.data import DatasetMapper
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 
-__all__ = ["PersonSearchMapper", "UNREADABLE_IMAGE_ERRORS"]
+__all__ = ["PersonSearchMapper", "UNREADABLE_IMAGE_ERRORS", "jitter_box"]
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +54,32 @@ def _check_box(box, width: int, height: int, where: str) -> np.ndarray:
     return box
 
 
+def jitter_box(box: np.ndarray, fraction: float, width: int, height: int) -> np.ndarray:
+    """A randomly shifted and scaled copy of ``box`` (query-box jittering, paper Sec. 4.4).
+
+    Each side moves independently by ``U(-fraction, fraction)`` times the box width (x1, x2) or
+    height (y1, y2), drawn from numpy's global RNG (seeded per sample by the training stream),
+    then the box is clipped to the ``width`` x ``height`` image. With ``fraction`` < 0.5 the
+    jittered box keeps more than ``1 - 2 * fraction`` of each side; should clipping leave it
+    empty (a box lying on the border), the box is returned unchanged.
+
+    Args:
+        box: (4,) XYXY, original pixels.
+        fraction: in [0, 0.5).
+    Returns:
+        (4,) float64 XYXY.
+    """
+    if not 0 <= fraction < 0.5:
+        raise ValueError(f"query-box jitter must be in [0, 0.5), got {fraction}")
+    box = np.asarray(box, dtype=np.float64).reshape(4)
+    w, h = box[2] - box[0], box[3] - box[1]
+    moved = box + np.random.uniform(-fraction, fraction, size=4) * np.array([w, h, w, h])
+    moved = np.clip(moved, 0, [width, height, width, height])
+    if moved[2] <= moved[0] or moved[3] <= moved[1]:
+        return box
+    return moved
+
+
 class _ImageReadError(ValueError):
     """An image file of a record could not be read (the message names the file)."""
 
@@ -56,7 +87,8 @@ class _ImageReadError(ValueError):
 class PersonSearchMapper(DatasetMapper):
     """Detectron2's ``DatasetMapper`` extended to person ids, query boxes and image pairs.
 
-    Build it like the stock mapper: ``PersonSearchMapper(cfg, is_train)``.
+    Build it like the stock mapper: ``PersonSearchMapper(cfg, is_train)``; with a config it
+    also reads ``DATALOADER.PAIRS.QUERY_BOX_JITTER`` (training only; 0 at test time).
 
     Attributes:
         num_skipped: training records skipped so far because an image could not be read
@@ -64,6 +96,27 @@ class PersonSearchMapper(DatasetMapper):
     """
 
     num_skipped = 0
+
+    @configurable
+    def __init__(self, is_train: bool, *, query_box_jitter: float = 0.0, **kwargs):
+        """
+        Args:
+            is_train, kwargs: as for Detectron2's ``DatasetMapper``.
+            query_box_jitter: training pairs: jitter fraction of the query box (see
+                :func:`jitter_box`); ignored (no jitter) when ``is_train`` is False.
+        """
+        super().__init__(is_train, **kwargs)
+        if not 0 <= query_box_jitter < 0.5:
+            raise ValueError(
+                f"DATALOADER.PAIRS.QUERY_BOX_JITTER must be in [0, 0.5), got {query_box_jitter}"
+            )
+        self.query_box_jitter = float(query_box_jitter) if is_train else 0.0
+
+    @classmethod
+    def from_config(cls, cfg, is_train: bool = True):
+        ret = super().from_config(cfg, is_train)
+        ret["query_box_jitter"] = cfg.DATALOADER.PAIRS.QUERY_BOX_JITTER
+        return ret
 
     def _read(self, file_name: str) -> np.ndarray:
         return utils.read_image(file_name, format=self.image_format)
@@ -108,6 +161,9 @@ class PersonSearchMapper(DatasetMapper):
         elif "query_box" in record:
             box = _check_box(record["query_box"], width, height, record["file_name"])
             record["query_box"] = torch.as_tensor(transforms.apply_box(box[None])[0]).float()
+        if "given_boxes" in record:
+            boxes = np.asarray(record["given_boxes"], dtype=np.float64).reshape(-1, 4)
+            record["given_boxes"] = torch.as_tensor(transforms.apply_box(boxes)).float()
 
         annotations = record.pop("annotations", None)
         if self.is_train and annotations is not None:
@@ -118,6 +174,8 @@ class PersonSearchMapper(DatasetMapper):
         image = self._read_checked(record["query_file_name"])
         height, width = image.shape[:2]
         box = _check_box(record["query_box"], width, height, record["query_file_name"])
+        if self.is_train and self.query_box_jitter > 0:
+            box = jitter_box(box, self.query_box_jitter, width, height)
         resize = [a for a in self.augmentations.augs if not isinstance(a, T.RandomFlip)]
         aug_input = T.AugInput(image)
         transforms = T.AugmentationList(resize)(aug_input)

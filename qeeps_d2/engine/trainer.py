@@ -149,6 +149,7 @@ class Trainer(DefaultTrainer):
             det_thresh=cfg.TEST.PERSON_SEARCH.DET_THRESH,
             query_indices=evaluated_queries(cfg, protocol),
             cascade_topk=cascade_topk(cfg),
+            use_gt_boxes=cfg.TEST.PERSON_SEARCH.USE_GT_BOXES,
         )
 
     @classmethod

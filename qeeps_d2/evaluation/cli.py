@@ -7,8 +7,10 @@
 
 Prints mAP, top-1/5/10 and the number of queries (and detection AP / recall when the file holds
 query-independent ``gallery_detections``). A file covering only some queries is scored on those
-and labelled ``partial: K of N queries``. ``--json`` makes the last line one JSON object
-``{"mAP", "top1", "top5", "top10", "num_queries", ...}`` with fractions in [0, 1].
+and labelled ``partial: K of N queries``; a file written with ground-truth boxes
+(``"gt_boxes": true``, TEST.PERSON_SEARCH.USE_GT_BOXES) is labelled so. ``--json`` makes the last
+line one JSON object ``{"mAP", "top1", "top5", "top10", "num_queries", "gt_boxes", ...}`` with
+fractions in [0, 1].
 User errors (missing or malformed files, unknown data set, bad options) print one line on stderr
 and exit with status 2.
 """
@@ -88,7 +90,10 @@ def _run(args) -> List[str]:
     summary.update(dataset=args.dataset, protocol=protocol.name, det_thresh=args.det_thresh,
                    partial=n < total, num_queries_total=total)
 
-    lines = [f"Person search on {args.dataset} ({_setting(args)}), det_thresh {args.det_thresh:g}"]
+    gt_boxes = results.extra.get("gt_boxes") is True
+    summary["gt_boxes"] = gt_boxes
+    lines = [f"Person search on {args.dataset} ({_setting(args)}), det_thresh {args.det_thresh:g}"
+             + (", with ground-truth boxes (re-identification alone)" if gt_boxes else "")]
     partial = f"  (partial: {n} of {total} queries)" if n < total else ""
     lines.append(f"  {'queries':<7}{n:7d}{partial}")
     metrics = [("mAP", "mAP")] + [(f"top-{k}", f"top{k}") for k in TOP_K]

@@ -29,6 +29,14 @@ images and query boxes) ends with the per-query shortlists, shared with every ra
 (the shortlisted pairs) ends with the merged rows, scored and written as mode ``"cascade"`` with
 ``cascade_topk`` (results file, metrics file, returned metrics and log lines). The first stage's
 detections are written as ``gallery_detections`` and give the detection metrics.
+
+Ground-truth boxes (``use_gt_boxes``, ``TEST.PERSON_SEARCH.USE_GT_BOXES``): gallery and pair
+records carry ``given_boxes`` and the model's detections are exactly those boxes; every one is
+kept with det_score 1 (the model's ClsNet score is ignored, so no threshold drops an annotated
+box). This measures re-identification alone and is labelled everywhere: returned metrics under
+``"person_search_gt_boxes"``, files ``<dataset_name>_gtboxes_results.json.gz`` (with
+``"gt_boxes": true``) and ``<dataset_name>_gtboxes_metrics.json``, log lines "with ground-truth
+boxes"; no detection metrics (they would be trivially perfect). Works in all three modes.
 """
 from __future__ import annotations
 
@@ -58,6 +66,8 @@ logger = logging.getLogger(__name__)
 
 # output key of a proposal set -> name of its recall in the results
 _RECALLS = {"proposal_boxes": "proposal_recall", "plain_proposal_boxes": "plain_proposal_recall"}
+# metrics task name and file-name suffix of an evaluation with ground-truth boxes
+GT_BOXES_TASK, GT_BOXES_SUFFIX = "person_search_gt_boxes", "_gtboxes"
 
 def _to_numpy(t) -> np.ndarray:
     return t.detach().cpu().numpy()
@@ -68,7 +78,8 @@ class PersonSearchEvaluator(DatasetEvaluator):
 
     Returns ``{"person_search": {"mAP", "top1", "top5", "top10" (percent), "num_queries",
     "partial" (bool)}}``, plus ``{"detection": {"AP", "recall", "labeled_recall"}}`` (percent)
-    when gallery-image outputs exist (query-agnostic models).
+    when gallery-image outputs exist (query-agnostic models). With ``use_gt_boxes`` the search
+    metrics are under ``"person_search_gt_boxes"`` and there are no detection metrics.
     """
 
     def __init__(
@@ -80,6 +91,7 @@ class PersonSearchEvaluator(DatasetEvaluator):
         query_indices: Optional[Sequence[int]] = None,
         distributed: bool = True,
         cascade_topk: int = 0,
+        use_gt_boxes: bool = False,
     ):
         """
         Args:
@@ -92,6 +104,9 @@ class PersonSearchEvaluator(DatasetEvaluator):
             distributed: gather the outputs of all ranks and score on the main process.
             cascade_topk: K > 0: cascade evaluation with K re-scored gallery images per query
                 (see the module docstring); 0: one run, exhaustive.
+            use_gt_boxes: the records carry the gallery images' annotated boxes
+                (``given_boxes``): keep every detection with det_score 1 and label the results
+                (see the module docstring).
         """
         self._dataset_name = dataset_name
         self._protocol = protocol
@@ -104,6 +119,8 @@ class PersonSearchEvaluator(DatasetEvaluator):
         if cascade_topk < 0:
             raise ValueError(f"cascade_topk must be >= 0, got {cascade_topk}")
         self._cascade_topk = int(cascade_topk)
+        self._use_gt_boxes = bool(use_gt_boxes)
+        self._file_prefix = dataset_name + (GT_BOXES_SUFFIX if use_gt_boxes else "")
         self.reset_cascade()
         self.reset()
 
@@ -153,21 +170,33 @@ class PersonSearchEvaluator(DatasetEvaluator):
                 covered = (box_iou(gts[:, None], props[None]) >= 0.5).any(axis=1)
                 hits.update(((i, k), bool(c)) for (i, k, _), c in zip(entries, covered))
 
-    def _kept(self, instances):
+    def _kept(self, inp, instances):
+        """(boxes (N, 4), det scores (N,), instances) of the detections the protocol can rank:
+        score >= det_thresh, or with given boxes every box, det score 1."""
+        if ("given_boxes" in inp) != self._use_gt_boxes:
+            raise ValueError(
+                f"{self._dataset_name}: record {inp.get('image_id')!r} "
+                f"{'has' if 'given_boxes' in inp else 'lacks'} given boxes, but the evaluator "
+                f"was built with use_gt_boxes={self._use_gt_boxes}"
+            )
+        if self._use_gt_boxes:
+            instances = instances.to("cpu")
+            scores = np.ones(len(instances), dtype=np.float32)
+            return _to_numpy(instances.pred_boxes.tensor), scores, instances
         instances = instances[instances.scores >= self._det_thresh].to("cpu")
         return _to_numpy(instances.pred_boxes.tensor), _to_numpy(instances.scores), instances
 
     def process(self, inputs, outputs):
         for inp, out in zip(inputs, outputs):
             if "query_file_name" in inp:
-                boxes, scores, inst = self._kept(out["instances"])
+                boxes, scores, inst = self._kept(inp, out["instances"])
                 rows = np.c_[boxes, scores, _to_numpy(inst.pred_sims)].astype(np.float64)
                 self._pairs[(int(inp["query_index"]), inp["image_id"])] = rows.reshape(-1, 6)
                 self._record_recall(inp["image_id"], out, int(inp["query_index"]))
             elif "query_box" in inp:
                 self._query_embeds[int(inp["query_index"])] = _to_numpy(out["query_embed"])
             else:
-                boxes, scores, inst = self._kept(out["instances"])
+                boxes, scores, inst = self._kept(inp, out["instances"])
                 self._gallery[inp["image_id"]] = (boxes, scores, _to_numpy(inst.pred_embeds))
                 self._record_recall(inp["image_id"], out)
 
@@ -287,9 +316,10 @@ class PersonSearchEvaluator(DatasetEvaluator):
                 "top1": 100 * scores.top_k(1),
             }
             logger.info(
-                "Cascade stage 1 on %s (query-agnostic, %d gallery images, %d query boxes): "
+                "Cascade stage 1 on %s (query-agnostic, %d gallery images, %d query boxes%s): "
                 "mAP %.2f  top-1 %.2f; re-scoring the top %d images per query: %d pairs",
                 self._protocol.name, len(self._gallery), len(self._query_embeds),
+                ", ground-truth boxes" if self._use_gt_boxes else "",
                 self._first_stage["mAP"], self._first_stage["top1"], self._cascade_topk,
                 sum(len(v) for v in shortlist.values()),
             )
@@ -342,16 +372,19 @@ class PersonSearchEvaluator(DatasetEvaluator):
                 {n: np.c_[b, s] for n, (b, s, _) in self._gallery.items()}
                 if self._gallery else None
             )
+        if self._use_gt_boxes:
+            gallery_detections = None  # the annotated boxes: detection metrics are meaningless
         cascade_fields = (
             {"cascade_topk": self._cascade_topk, "num_pairs": len(self._pairs)}
             if mode == cascade.CASCADE_MODE else {}
         )
         if self._output_dir:
-            path = os.path.join(self._output_dir, f"{self._dataset_name}_results.json.gz")
+            path = os.path.join(self._output_dir, f"{self._file_prefix}_results.json.gz")
             write_results(
                 path, self._protocol.dataset, queries, gallery_detections=gallery_detections,
                 protocol=self._protocol.name, mode=mode, partial=self._partial,
                 min_det_score=self._det_thresh, **cascade_fields,
+                **({"gt_boxes": True} if self._use_gt_boxes else {}),
             )
             logger.info("Wrote person-search results to %s", path)
 
@@ -382,16 +415,17 @@ class PersonSearchEvaluator(DatasetEvaluator):
             if cascade_fields else mode
         )
         logger.info(
-            "Person search on %s (%s, %s, det_thresh %g): mAP %.2f  top-1 %.2f  top-5 %.2f  "
-            "top-10 %.2f", self._protocol.name, mode_label, label, self._det_thresh, search["mAP"],
-            search["top1"], search["top5"], search["top10"],
+            "Person search on %s (%s, %s, %s): mAP %.2f  top-1 %.2f  top-5 %.2f  top-10 %.2f",
+            self._protocol.name, mode_label, label,
+            "with ground-truth boxes" if self._use_gt_boxes else f"det_thresh {self._det_thresh:g}",
+            search["mAP"], search["top1"], search["top5"], search["top10"],
         )
         recalls = [f"{name.replace('_', ' ')} {search[name]:.2f}" for name in _RECALLS.values()
                    if name in search]
         if recalls:
             logger.info("Detector recall on %s (IoU 0.5, %s): %s", self._protocol.name, label,
                         "  ".join(recalls))
-        results = OrderedDict(person_search=search)
+        results = OrderedDict([(GT_BOXES_TASK if self._use_gt_boxes else "person_search", search)])
         if gallery_detections is not None:
             det = self._detection_scores(gallery_detections)
             results["detection"] = OrderedDict(
@@ -405,10 +439,10 @@ class PersonSearchEvaluator(DatasetEvaluator):
                 results["detection"]["recall"], results["detection"]["labeled_recall"],
             )
         if self._output_dir:
-            path = os.path.join(self._output_dir, f"{self._dataset_name}_metrics.json")
+            path = os.path.join(self._output_dir, f"{self._file_prefix}_metrics.json")
             with open(path, "w") as f:
                 json.dump({"protocol": self._protocol.name, "mode": mode, **cascade_fields,
-                           **results}, f, indent=1)
+                           "gt_boxes": self._use_gt_boxes, **results}, f, indent=1)
         return results
 
 

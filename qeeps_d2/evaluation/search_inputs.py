@@ -14,12 +14,20 @@ Two modes, matching the two kinds of models:
 
 ``file_name`` is ``os.path.join(protocol.image_root, name)``; ``image_id`` is the image's base
 name as used in the protocol and the results file; ``query_box`` is [x1, y1, x2, y2] in original
-image pixels. Height and width are left to the mapper, which reads the image.
+image pixels. Height and width are left to the caller (the test loader adds them to batch equal
+sizes) or to the mapper, which reads the image.
+
+With ``gallery_boxes`` (image name -> (M, 4) boxes, evaluation with ground-truth boxes) every
+gallery-image record and every pair record also carries ``"given_boxes"``: its gallery image's
+boxes, a list of [x1, y1, x2, y2] in original image pixels, which the model scores instead of
+detecting.
 """
 from __future__ import annotations
 
 import os
 from typing import Dict, List, Mapping, Optional, Sequence
+
+import numpy as np
 
 from ..data.search_protocol import SearchProtocol
 
@@ -59,6 +67,7 @@ def build_search_records(
     mode: str,
     query_indices: Optional[Sequence[int]] = None,
     shortlist: Optional[Mapping[int, Sequence[str]]] = None,
+    gallery_boxes: Optional[Mapping[str, Sequence[Sequence[float]]]] = None,
 ) -> List[Dict]:
     """Records for evaluating ``protocol`` on the given queries (all by default).
 
@@ -79,9 +88,18 @@ def build_search_records(
         raise ValueError("a shortlist restricts pair records; it needs mode 'pairs'")
     indices = check_query_indices(protocol, query_indices)
     root = protocol.image_root
+
+    def given(name: str) -> Dict:
+        if gallery_boxes is None:
+            return {}
+        if name not in gallery_boxes:
+            raise ValueError(f"no given boxes for gallery image {name!r}")
+        boxes = np.asarray(gallery_boxes[name], dtype=np.float64).reshape(-1, 4)
+        return {"given_boxes": boxes.tolist()}
+
     if mode == "agnostic":
         gallery = [
-            {"file_name": os.path.join(root, name), "image_id": name}
+            {"file_name": os.path.join(root, name), "image_id": name, **given(name)}
             for name in protocol.gallery_images(indices)
         ]
         return gallery + [_query_record(protocol, i) for i in indices]
@@ -100,6 +118,6 @@ def build_search_records(
                 continue
             records.append(
                 {"file_name": os.path.join(root, name), "image_id": name, **pair_base,
-                 "query_box": list(query["query_box"])}
+                 "query_box": list(query["query_box"]), **given(name)}
             )
     return records

@@ -15,6 +15,11 @@ Inputs (list of dicts, as produced by ``qeeps_d2.data.PersonSearchMapper``); thr
   Output instances also carry ``pred_sims`` (N,) (QSimNet probability, or cosine without it);
   ``"proposal_boxes"`` are the proposals actually used (summed objectness with QRPN) and
   ``"plain_proposal_boxes"`` those of the stock objectness alone (Table 1's recall comparison).
+- given boxes (inference only, evaluation with ground-truth boxes): a gallery image or a pair
+  with ``given_boxes`` (M, 4) XYXY in ``image`` pixels: those boxes are the detections
+  (no RPN/QRPN, no box regression, no NMS); output instances hold one row per given box, in
+  order, its box rescaled to the original image size (not clipped), ``scores`` = ClsNet person
+  probability (see ``QEEPSROIHeads.forward_given_boxes``).
 
 In pair mode the B gallery and B query images run as ONE backbone batch (gallery first), padded
 to a common size: that is the weight sharing, and it lets the QSSE blocks couple the branches.
@@ -27,7 +32,7 @@ import torch
 
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN
-from detectron2.structures import Boxes, ImageList
+from detectron2.structures import Boxes, ImageList, Instances
 from detectron2.utils.events import get_event_storage
 
 __all__ = ["QEEPS"]
@@ -96,7 +101,9 @@ class QEEPS(GeneralizedRCNN):
             self.backbone.size_divisibility,
             padding_constraints=self.backbone.padding_constraints,
         )
-        features = self.backbone(both.tensor, num_pairs=num if self.qsse else 0)
+        # the image sizes let each QSSE block squeeze an image over its own (unpadded) area
+        features = self.backbone(both.tensor, num_pairs=num if self.qsse else 0,
+                                 image_sizes=both.image_sizes)
         gallery_feats = {k: v[:num] for k, v in features.items()}
         query_feats = {k: v[num:] if rows is None else v[num:][rows] for k, v in features.items()}
         images = ImageList(both.tensor[:num], both.image_sizes[:num])
@@ -125,6 +132,7 @@ class QEEPS(GeneralizedRCNN):
         gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
         if "query_image" in batched_inputs[0]:
             images, features, query_feats, query_boxes = self._siamese_features(batched_inputs)
+            # as at test time: running BatchNorm statistics, left unchanged (see embed_boxes)
             query_embeds = self.roi_heads.embed_boxes(query_feats, query_boxes)
             proposals, proposal_losses = self.proposal_generator(
                 images, features, gt_instances, query_features=query_feats, query_boxes=query_boxes
@@ -150,9 +158,12 @@ class QEEPS(GeneralizedRCNN):
             raise NotImplementedError("QEEPS does not support detected_instances")
         kinds = ["pair" if "query_image" in x else "query" if "query_box" in x else "gallery"
                  for x in batched_inputs]
+        kinds = [k + "_given" if k != "query" and "given_boxes" in x else k
+                 for k, x in zip(kinds, batched_inputs)]
         outputs: List[Dict] = [None] * len(batched_inputs)
         for kind, run in (("gallery", self._infer_gallery), ("query", self._infer_queries),
-                          ("pair", self._infer_pairs)):
+                          ("pair", self._infer_pairs), ("gallery_given", self._infer_given_boxes),
+                          ("pair_given", self._infer_given_boxes)):
             idx = [i for i, k in enumerate(kinds) if k == kind]
             if idx:
                 for i, out in zip(idx, run([batched_inputs[i] for i in idx], do_postprocess)):
@@ -201,4 +212,32 @@ class QEEPS(GeneralizedRCNN):
         outputs = self._postprocess(results, batched_inputs, images.image_sizes)
         self._attach_proposals(outputs, "proposal_boxes", proposals, batched_inputs)
         self._attach_proposals(outputs, "plain_proposal_boxes", plain, batched_inputs)
+        return outputs
+
+    def _infer_given_boxes(self, batched_inputs, do_postprocess=True):
+        """Gallery images (or pairs, all of one kind) scored on their ``given_boxes``."""
+        if "query_image" in batched_inputs[0]:
+            images, features, query_feats, query_boxes = self._siamese_features(
+                batched_inputs, share_queries=not self.qsse
+            )
+            query_embeds = self.roi_heads.embed_boxes(query_feats, query_boxes)
+        else:
+            images = self.preprocess_image(batched_inputs)
+            features = self.backbone(images.tensor)
+            query_embeds = None
+        proposals = []
+        for x, size in zip(batched_inputs, images.image_sizes):
+            p = Instances(size)
+            p.proposal_boxes = Boxes(torch.as_tensor(
+                x["given_boxes"], dtype=torch.float32, device=self.device).reshape(-1, 4))
+            proposals.append(p)
+        results = self.roi_heads.forward_given_boxes(features, proposals, query_embeds)
+        if not do_postprocess:
+            return [{"instances": r} for r in results]
+        outputs = []
+        for r, x in zip(results, batched_inputs):
+            h, w = r.image_size
+            out = Instances((x.get("height", h), x.get("width", w)), **r.get_fields())
+            out.pred_boxes.scale(out.image_size[1] / w, out.image_size[0] / h)
+            outputs.append({"instances": out})
         return outputs

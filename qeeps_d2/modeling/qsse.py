@@ -3,8 +3,9 @@
 The query and gallery branches share every weight, so both are run as ONE batch through one
 ResNet: ``x = cat([gallery (B), query (B)])``, pair ``i`` being rows ``i`` and ``B + i``. In every
 residual block of the chosen stages, the residual output ``U`` (before the shortcut is added) of
-both branches is squeezed by global average pooling, the two descriptors are concatenated and
-excited into one channel weight vector shared by both branches (Eq. 1)::
+both branches is squeezed by global average pooling (over each image's own valid region when
+the batch canvas is padded), the two descriptors are concatenated and excited into one channel
+weight vector shared by both branches (Eq. 1)::
 
     s = sigmoid(W2 relu(W1 [z_q, z_g]))        W1: 2C -> 2C/r,  W2: 2C/r -> C
 
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from typing import List
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -61,25 +62,43 @@ class QuerySiameseExcitation(nn.Module):
             nn.init.zeros_(self.fc2.weight)
             nn.init.constant_(self.fc2.bias, math.log(init_gate / (1.0 - init_gate)))
 
-    def forward(self, u: torch.Tensor, num_pairs: int) -> torch.Tensor:
+    def forward(self, u: torch.Tensor, num_pairs: int,
+                valid_sizes: Optional[torch.Tensor] = None) -> torch.Tensor:
         """
         Args:
             u: (2B, C, H, W) residual outputs, gallery rows first then the B query rows.
             num_pairs: B.
+            valid_sizes: (2B, 2) int64, the (height, width) of each row's image at U's
+                resolution; U is averaged over that top-left region only, so that the padding
+                of a batch canvas does not change the squeeze. None = the whole map.
         Returns:
             (2B, C, 1, 1) channel weights s, identical for the two rows of a pair.
         """
-        z = u.mean(dim=(2, 3))  # (2B, C)
+        z = _valid_mean(u, valid_sizes)  # (2B, C)
         z_g, z_q = z[:num_pairs], z[num_pairs:]
         s = torch.sigmoid(self.fc2(F.relu(self.fc1(torch.cat([z_q, z_g], dim=1)))))  # (B, C)
         return s.repeat(2, 1)[:, :, None, None]
 
 
+def _valid_mean(u: torch.Tensor, valid_sizes: Optional[torch.Tensor]) -> torch.Tensor:
+    """(N, C, H, W) -> (N, C): the mean of each row over its top-left ``valid_sizes[i]``
+    (height, width) region ((N, 2) int64), or over the whole map when ``valid_sizes`` is None."""
+    if valid_sizes is None:
+        return u.mean(dim=(2, 3))
+    h, w = valid_sizes[:, :1], valid_sizes[:, 1:]  # (N, 1) each
+    rows = torch.arange(u.shape[2], device=u.device) < h  # (N, H)
+    cols = torch.arange(u.shape[3], device=u.device) < w  # (N, W)
+    mask = (rows[:, :, None] & cols[:, None, :]).to(u.dtype)  # (N, H, W)
+    return torch.einsum("nchw,nhw->nc", u, mask) / (h * w).to(u.dtype)
+
+
 class _QSSEMixin:
-    """Shared logic of the QSSE blocks: ``num_pairs`` is set by :class:`QSSEResNet` per forward;
-    0 means "no pairing" and the block behaves exactly like the stock one."""
+    """Shared logic of the QSSE blocks: ``num_pairs`` (and ``valid_sizes``, the images' extents
+    at this block's output resolution) are set by :class:`QSSEResNet` per forward; 0 pairs
+    means "no pairing" and the block behaves exactly like the stock one."""
 
     num_pairs: int = 0
+    valid_sizes: Optional[torch.Tensor] = None
 
     def _init_qsse(self, reduction: int, init_gate: float = 0.0):
         self.qsse = QuerySiameseExcitation(self.out_channels, reduction, init_gate)
@@ -97,7 +116,7 @@ class _QSSEMixin:
             )
         u = self._residual(x)
         shortcut = x if self.shortcut is None else self.shortcut(x)
-        return F.relu_(shortcut + self.qsse(u, self.num_pairs) * u)
+        return F.relu_(shortcut + self.qsse(u, self.num_pairs, self.valid_sizes) * u)
 
     def freeze(self):
         """Freeze the convolutions like the stock block, but keep QSSE trainable."""
@@ -138,26 +157,54 @@ class QSSEResNet(ResNet):
 
     ``forward(x)`` is the stock single-stream forward; ``forward(x, num_pairs=B)`` runs the
     Siamese forward on ``x = cat([gallery, query])`` of 2B images, coupling the branches in the
-    QSSE blocks (when there are any).
+    QSSE blocks (when there are any). With ``image_sizes`` (the ImageList's, in input pixels)
+    each block squeezes every image over its own valid region only: ``ceil(h / s) x ceil(w / s)``
+    at the block's cumulative stride s, the extent of the feature map of that image unpadded
+    (the stem's stride-2 conv and max-pool and every stride-2 conv map n to ceil(n / 2)).
     """
 
     @property
     def qsse_blocks(self) -> List[_QSSEMixin]:
         return [m for m in self.modules() if isinstance(m, _QSSEMixin)]
 
+    def _block_strides(self):
+        """(block, cumulative stride of its output) for every QSSE block."""
+        stride = self.stem.stride
+        for stage in self.stages:
+            for block in stage:
+                stride *= block.stride
+                if isinstance(block, _QSSEMixin):
+                    yield block, stride
+
     @contextmanager
-    def _paired(self, num_pairs: int):
-        blocks = self.qsse_blocks
-        for b in blocks:
+    def _paired(self, num_pairs: int, image_sizes: Optional[torch.Tensor] = None):
+        """Set ``num_pairs`` and the per-image valid extents ((N, 2) int64 ``image_sizes`` in
+        input pixels, or None) of every QSSE block for one forward."""
+        blocks = list(self._block_strides())
+        for b, stride in blocks:
             b.num_pairs = num_pairs
+            b.valid_sizes = None if image_sizes is None else (image_sizes + stride - 1) // stride
         try:
             yield
         finally:
-            for b in blocks:
+            for b, _ in blocks:
                 b.num_pairs = 0
+                b.valid_sizes = None
 
-    def forward(self, x, num_pairs: int = 0):
-        with self._paired(num_pairs):
+    def forward(self, x, num_pairs: int = 0,
+                image_sizes: Optional[Sequence[Tuple[int, int]]] = None):
+        """
+        Args:
+            x: (N, 3, H, W) images; with ``num_pairs`` B > 0, N = 2B, gallery rows first.
+            num_pairs: B, or 0 for the stock single-stream forward.
+            image_sizes: N (height, width) of the images inside the padded canvas (input
+                pixels); None = every image fills the canvas.
+        """
+        if image_sizes is not None:
+            if len(image_sizes) != x.shape[0]:
+                raise ValueError(f"{len(image_sizes)} image_sizes for a batch of {x.shape[0]}")
+            image_sizes = torch.as_tensor(image_sizes, dtype=torch.int64, device=x.device)
+        with self._paired(num_pairs, image_sizes):
             return super().forward(x)
 
 

@@ -8,10 +8,12 @@ Per proposal, res5 on the ROI-pooled res4 features, averaged to a (R, C5) vector
   trained with a cross-entropy whose positives are the proposals matched to the query person.
 
 The query's own embedding comes from the same res5 + ``reid_head`` applied to the query box on
-the query branch's features (:meth:`QEEPSROIHeads.embed_boxes`).
+the query branch's features (:meth:`QEEPSROIHeads.embed_boxes`), normalised with the running
+statistics also in training.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Dict, List, Optional
 
 import torch
@@ -143,7 +145,8 @@ class QEEPSROIHeads(Res5ROIHeads):
                 momentum=q.OIM.MOMENTUM,
             ),
             qsimnet=QSimNet(q.EMBED_DIM) if q.QSIMNET.ENABLED else None,
-            min_det_score=q.QSIMNET.MIN_DET_SCORE,
+            min_det_score=(cfg.TEST.PERSON_SEARCH.DET_THRESH if q.QSIMNET.MIN_DET_SCORE < 0
+                           else q.QSIMNET.MIN_DET_SCORE),
             trunk_grad_scale=q.OIM.TRUNK_GRAD_SCALE,
         )
         return ret
@@ -162,9 +165,71 @@ class QEEPSROIHeads(Res5ROIHeads):
             box_features = _ScaleGrad.apply(box_features, self.trunk_grad_scale)
         return self.reid_head(box_features, stats_mask)
 
+    @contextmanager
+    def _running_statistics(self):
+        """Within: res5 and the re-id head in eval mode, so their BatchNorms normalise with, and
+        do not update, their running statistics (gradients still reach their weights)."""
+        modules = [m for part in (self.res5, self.reid_head) for m in part.modules()]
+        modes = [m.training for m in modules]
+        self.res5.train(False)
+        self.reid_head.train(False)
+        try:
+            yield
+        finally:
+            for m, mode in zip(modules, modes):
+                m.training = mode
+
     def embed_boxes(self, features: Dict[str, torch.Tensor], boxes: List[Boxes]) -> torch.Tensor:
-        """Re-id embeddings (sum of boxes, D) of given boxes, e.g. the query boxes."""
-        return self.embed(self.box_features(features, boxes))
+        """Re-id embeddings (sum of boxes, D) of given boxes, e.g. the query boxes, computed as
+        at test time even in training: res5 and the re-id head use their running statistics and
+        leave them unchanged (in pair training the B query boxes would otherwise be normalised
+        with their own statistics, about +-1 per dimension for 2-4 rows, and write those into
+        the running ones). The gradient still reaches every weight."""
+        with self._running_statistics():
+            return self.embed(self.box_features(features, boxes))
+
+    def forward_given_boxes(
+        self,
+        features: Dict[str, torch.Tensor],
+        proposals: List[Instances],
+        query_embeds: Optional[torch.Tensor] = None,
+    ) -> List[Instances]:
+        """Inference on given boxes (evaluation with ground-truth boxes): each box is a
+        detection as it is; no box regression, no NMS, no score threshold.
+
+        Args:
+            features: backbone features of B images.
+            proposals: B ``Instances`` with ``proposal_boxes`` (M_i, 4) XYXY in image pixels.
+            query_embeds: (B, D) embedding of each image's query (pair mode), or None.
+        Returns:
+            B ``Instances`` (the proposals' image sizes), one row per given box in order:
+            ``pred_boxes`` (the box), ``scores`` (ClsNet person probability), ``pred_classes``
+            (0), ``pred_embeds`` (M_i, D) and, with a query, ``pred_sims`` (M_i,) (QSimNet
+            probability when it is enabled, else the cosine with the query embedding).
+        """
+        num = [len(p) for p in proposals]
+        if sum(num):
+            feats = self.box_features(features, [p.proposal_boxes for p in proposals])
+            probs = self.box_predictor.predict_probs(self.box_predictor(feats), proposals)
+            embeds = self.embed(feats).split(num)
+        else:  # no box at all: nothing to pool
+            device = next(iter(features.values())).device
+            dim = self.reid_head.proj.out_features
+            probs = [torch.zeros(0, self.num_classes + 1, device=device)] * len(num)
+            embeds = [torch.zeros(0, dim, device=device)] * len(num)
+        results = []
+        for i, (p, prob, emb) in enumerate(zip(proposals, probs, embeds)):
+            res = Instances(p.image_size)
+            res.pred_boxes = p.proposal_boxes.clone()
+            res.scores = prob[:, 0]
+            res.pred_classes = torch.zeros(len(p), dtype=torch.int64, device=emb.device)
+            res.pred_embeds = emb
+            if query_embeds is not None:
+                q = query_embeds[i : i + 1]
+                res.pred_sims = (self.qsimnet.similarity(q, emb) if self.qsimnet is not None
+                                 else emb @ q[0])
+            results.append(res)
+        return results
 
     def forward(
         self,
@@ -227,8 +292,9 @@ class QEEPSROIHeads(Res5ROIHeads):
                 for res, q in zip(results, query_embeds):
                     res.pred_sims = res.pred_embeds @ q
             return results
-        # QSimNet mode: ClsNet only removes detections scoring < min_det_score; the query
-        # similarity ranks the rest and drives their NMS.
+        # QSimNet mode: ClsNet only removes detections scoring < min_det_score (by default the
+        # protocol's TEST.PERSON_SEARCH.DET_THRESH, see MODEL.QEEPS.QSIMNET.MIN_DET_SCORE); the
+        # query similarity ranks the rest and drives their NMS.
         boxes = self.box_predictor.predict_boxes(predictions, proposals)
         probs = self.box_predictor.predict_probs(predictions, proposals)
         results = []

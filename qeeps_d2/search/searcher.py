@@ -15,7 +15,10 @@ Search modes, chosen by the config (``qeeps_d2.data.build.uses_pairs``) and ``se
   similarity below -1 marks a first-stage match.
 
 Model inputs are built by :class:`~qeeps_d2.data.PersonSearchMapper` (same resizing as in
-evaluation), fed with in-memory images instead of files.
+evaluation), fed with in-memory images instead of files. Of each ``batch_size`` frames, only
+inputs of one size (frame and, for pairs, query image after resizing) share a forward pass, so
+that a frame's matches do not depend on its neighbours in the stream (padding to a common size
+would change them; :mod:`qeeps_d2.data.size_batching`).
 """
 from __future__ import annotations
 
@@ -40,6 +43,7 @@ from detectron2.modeling import build_model
 from ..checkpoint import QEEPSCheckpointer
 from ..data.build import uses_pairs
 from ..data.mapper import PersonSearchMapper
+from ..data.size_batching import group_by_shape
 from ..engine.trainer import setup_cfg
 from ..evaluation.cascade import FIRST_STAGE_OFFSET
 from .gallery import GalleryFrame, read_image_bgr
@@ -239,7 +243,8 @@ class PersonSearcher:
             query_box: (x1, y1, x2, y2) of the query person in ``query_image`` pixels.
             gallery: :class:`GalleryFrame` s, streamed (e.g. ``iter_gallery(path)``).
             topk: keep the best ``topk`` matches (None: all).
-            batch_size: frames (or pairs) per forward pass.
+            batch_size: frames (or pairs) per forward pass at most (only frames of one size
+                share a pass).
             progress: show a tqdm progress bar (stderr) over the frames.
             total: number of frames for the bar's total and ETA (e.g. ``count_gallery``).
             keep_frames: attach each kept match's frame as ``Match.image`` (for rendering).
@@ -327,9 +332,17 @@ class PersonSearcher:
         image = _check_bgr(frame.image, f"gallery frame {frame.name}")
         return {frame.name: _model_format(image, self._mapper.image_format)}
 
+    def _forward(self, inputs: List[Dict]) -> List[Dict]:
+        """The model's outputs for ``inputs``, one forward pass per input size (in order)."""
+        outputs: List[Optional[Dict]] = [None] * len(inputs)
+        for group in group_by_shape(inputs):
+            for i, out in zip(group, self.model([inputs[i] for i in group])):
+                outputs[i] = out
+        return outputs
+
     def _run_gallery(self, batch: List[GalleryFrame]) -> List[Dict]:
         inputs = [self._mapper.map({"file_name": f.name}, self._frame_images(f)) for f in batch]
-        return self.model(inputs)
+        return self._forward(inputs)
 
     def _run_pairs(self, batch, query_name, box, query_images) -> List[Dict]:
         inputs = [
@@ -339,7 +352,7 @@ class PersonSearcher:
             )
             for f in batch
         ]
-        return self.model(inputs)
+        return self._forward(inputs)
 
     def _matches(self, frame: GalleryFrame, instances, query_embed, keep_frames) -> List[Match]:
         """The frame's detections with score >= DET_THRESH as matches (boxes in frame pixels);
