@@ -93,6 +93,11 @@ def add_qeeps_config(cfg):
     # tens of times larger than the detection losses', otherwise takes over the shared updates
     # and undoes the detector.
     _C.MODEL.QEEPS.OIM.TRUNK_GRAD_SCALE = 1.0
+    # Initial lookup table: "zeros" (the paper, OIM) or "weights": before the first iteration of
+    # a new run, each labeled identity's row is the mean embedding of its annotated training
+    # boxes under MODEL.WEIGHTS (qeeps_d2.engine.hooks.OIMTableInit); for identity-pretrained
+    # trunks, whose embeddings already separate people.
+    _C.MODEL.QEEPS.OIM.LUT_INIT = "zeros"
 
     # Training data: query-gallery pairs (used when any query-guidance switch is on).
     _C.DATALOADER.PAIRS = CN()
@@ -158,6 +163,9 @@ def add_qeeps_config(cfg):
     # Stage 2: steps and scene images per step through the ROI path (labeled boxes as ROIs).
     _C.PRETRAIN.ROI_ITERS = 250
     _C.PRETRAIN.ROI_BATCH = 8
+    # Background boxes per scene image in stage 2, for a person / background logit on the same
+    # features (dropped afterwards, like the identity classifier).
+    _C.PRETRAIN.ROI_BACKGROUND = 8
     # AdamW learning rate (cosine decay in each stage) and weight decay.
     _C.PRETRAIN.LR = 0.002
     _C.PRETRAIN.WEIGHT_DECAY = 0.0005

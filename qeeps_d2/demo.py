@@ -65,6 +65,28 @@ def top_matches(gallery, detections: Dict[str, np.ndarray], k: int = 5, det_thre
     return out
 
 
+def top1_similarities(protocol, detections: Dict[int, Dict[str, np.ndarray]],
+                      det_thresh: float = 0.5) -> Dict[str, List[float]]:
+    """The similarity of each query's top-1 match, split by whether it is the query person:
+    {"right": [...], "wrong": [...]} (queries without any detection are left out). A collapsed
+    embedding shows as right and wrong matches of the same, near-1 similarity."""
+    out = {"right": [], "wrong": []}
+    for q, dets in detections.items():
+        found = top_matches(protocol.gallery(q), dets, k=1, det_thresh=det_thresh)
+        if found:
+            out["right" if found[0][4] else "wrong"].append(found[0][3])
+    return out
+
+
+def format_similarities(label: str, sims: Dict[str, List[float]]) -> str:
+    """One line: mean (and count) of right and wrong top-1 similarities."""
+    parts = []
+    for kind in ("right", "wrong"):
+        v = sims[kind]
+        parts.append(f"{kind} {np.mean(v):.3f} ({len(v)})" if v else f"{kind} - (0)")
+    return f"{label}: mean top-1 similarity at gallery 100: " + ", ".join(parts)
+
+
 def _report(out_dir: str, rows: Sequence[Dict], num_queries: int, seed: int = 0) -> str:
     """Render the per-query strips of both models and write ``<out_dir>/report.html``."""
     import cv2
@@ -172,6 +194,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"\nQEEPS - OIM: mAP {rows[1]['mAP@100'] - rows[0]['mAP@100']:+.1f} pp, top-1 "
           f"{rows[1]['top1@100'] - rows[0]['top1@100']:+.1f} pp at gallery 100 "
           f"({rows[0]['num_queries']} queries)")
+    from qeeps_d2.data.catalog import load_protocol
+    from qeeps_d2.evaluation.results_file import read_results
+
+    protocol = load_protocol("synthps_test", max(GALLERY_SIZES))
+    for (label, _), row in zip(MODELS, rows):
+        sims = top1_similarities(protocol, read_results(row["results"]).detections_by_query())
+        print(format_similarities(label, sims))
     print(f"Report: {report}")
     _say(f"done in {(time.perf_counter() - start) / 60:.1f} min")
     return 0

@@ -19,6 +19,8 @@ TINY = [
     "SOLVER.IMS_PER_BATCH", "2", "SOLVER.EPOCHS", "0", "SOLVER.MAX_ITER", "1",
     "SOLVER.STEPS", "()", "SOLVER.WARMUP_ITERS", "0", "DATALOADER.NUM_WORKERS", "0",
     "TEST.PERSON_SEARCH.MAX_QUERIES", "2", "TEST.PERSON_SEARCH.BATCH_SIZE", "4",
+    "PRETRAIN.NUM_IDS", "6", "PRETRAIN.IMAGES", "10", "PRETRAIN.CROP_ITERS", "2",
+    "PRETRAIN.CROP_BATCH", "8", "PRETRAIN.ROI_ITERS", "1", "PRETRAIN.ROI_BATCH", "2",
 ]
 EVAL_DIRS = {"OIM": os.path.join("oim", "eval_G100"),
              "QEEPS (cascade, K=10)": os.path.join("qeeps", "eval_G100_cascade10")}
@@ -125,8 +127,9 @@ def test_demo_end_to_end_at_minimal_size(tmp_path, monkeypatch, capsys):
     report = out / "report.html"
     html = report.read_text()
     assert html.count("<img") == 2 and "Query" in html
-    for model in ("oim", "qeeps"):
+    for model in ("pretrain", "oim", "qeeps"):
         assert (out / model / "model_final.pth").is_file()
+    assert "mean top-1 similarity at gallery 100" in printed
     # a second run reuses the trained models and evaluations (no retraining); its table comes
     # from the results files, here replaced with rows of known, non-zero and distinct scores
     mtime = os.path.getmtime(out / "oim" / "model_final.pth")
@@ -141,3 +144,19 @@ def test_demo_end_to_end_at_minimal_size(tmp_path, monkeypatch, capsys):
     assert demo.main(["--out", str(out), "--queries", "1", "--cascade-topk", "0", *TINY]) == 0
     assert "| QEEPS |" in capsys.readouterr().out
     assert (out / "qeeps" / "eval_G100" / "inference" / "synthps_test_metrics.json").is_file()
+
+
+def test_top1_similarities_split_right_and_wrong():
+    from qeeps_d2.data.search_protocol import Query, SearchProtocol
+
+    galleries = {0: Gallery(["a.jpg", "b.jpg"], np.array([[0, 0, 10, 20], [np.nan] * 4], float)),
+                 1: Gallery(["a.jpg"], np.array([[0, 0, 10, 20]], float))}
+    protocol = SearchProtocol("p", "d", [Query(i, "q.jpg", np.zeros(4), i) for i in (0, 1)],
+                              galleries.__getitem__)
+    dets = {0: {"a.jpg": np.array([[0, 0, 10, 20, 0.9, 0.8]]),
+                "b.jpg": np.array([[0, 0, 10, 20, 0.9, 0.6]])},
+            1: {"a.jpg": np.array([[40, 40, 50, 60, 0.9, 0.7], [0, 0, 10, 20, 0.9, 0.5]])}}
+    sims = demo.top1_similarities(protocol, dets)
+    assert sims == {"right": [0.8], "wrong": [0.7]}
+    assert demo.format_similarities("OIM", sims) == (
+        "OIM: mean top-1 similarity at gallery 100: right 0.800 (1), wrong 0.700 (1)")

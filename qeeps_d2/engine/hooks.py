@@ -8,7 +8,7 @@ import torch
 
 from detectron2.engine import HookBase
 
-__all__ = ["NonFiniteLossCheck", "non_finite_terms"]
+__all__ = ["NonFiniteLossCheck", "OIMTableInit", "labeled_identity_means", "non_finite_terms"]
 
 
 def non_finite_terms(loss_dict: Dict[str, torch.Tensor]) -> List[str]:
@@ -55,3 +55,65 @@ class NonFiniteLossCheck(HookBase):
             f"(finite: {', '.join(finite) or 'none'}); training stopped before the backward "
             f"pass; last checkpoint: {last or 'none'}"
         )
+
+
+@torch.no_grad()
+def labeled_identity_means(model, records, mapper, num_pids: int):
+    """(num_pids, D) L2-normalised mean embedding of each labeled identity's annotated boxes,
+    embedded by ``model`` in eval mode as at test time (``given_boxes``, one image per forward);
+    rows of identities without a box are 0.
+
+    Args:
+        records: Detectron2 dataset dicts whose annotations carry ``person_id`` (>= 0 labeled).
+        mapper: a test-time :class:`~qeeps_d2.data.mapper.PersonSearchMapper`.
+    """
+    was_training = model.training
+    model.eval()
+    sums = None
+    try:
+        for r in records:
+            labeled = [a for a in r.get("annotations", []) if a.get("person_id", -1) >= 0]
+            if not labeled:
+                continue
+            record = {k: v for k, v in r.items() if k != "annotations"}
+            record["given_boxes"] = [a["bbox"] for a in labeled]
+            out = model([mapper(record)])[0]["instances"]
+            embeds = out.pred_embeds.float()
+            if sums is None:
+                sums = embeds.new_zeros((num_pids, embeds.shape[1]))
+            pids = torch.as_tensor([a["person_id"] for a in labeled], device=embeds.device)
+            sums.index_add_(0, pids, embeds)
+    finally:
+        model.train(was_training)
+    return torch.nn.functional.normalize(sums, dim=1) if sums is not None else None
+
+
+class OIMTableInit(HookBase):
+    """Fill an all-zero OIM lookup table before the first iteration with each labeled training
+    identity's mean embedding under the loaded weights (``MODEL.QEEPS.OIM.LUT_INIT "weights"``).
+
+    With an identity-pretrained trunk the embeddings already separate people, but a zero table
+    gives the OIM loss no positive to pull towards for the first epoch, while the features move:
+    the rows filled later are stale and the loss climbs (seen on SynthPS: OIM loss 12-15 instead
+    of about log(table + queue size) = 6.4, and the detector's ClsNet stuck at its prior). A
+    table that is already non-zero (a resumed run, or a checkpoint that holds one) is kept.
+    """
+
+    def __init__(self, records, mapper):
+        self._records = records
+        self._mapper = mapper
+
+    def before_train(self):
+        from detectron2.utils import comm
+
+        model = self.trainer.model
+        model = getattr(model, "module", model)
+        oim = model.roi_heads.oim_loss
+        if self.trainer.iter > 0 or bool(oim.lut.abs().sum() > 0):
+            return
+        means = labeled_identity_means(model, self._records, self._mapper, oim.num_pids)
+        if means is not None:
+            oim.lut.copy_(means.to(oim.lut))
+            if comm.get_world_size() > 1:  # same table on every rank
+                torch.distributed.broadcast(oim.lut, 0)
+

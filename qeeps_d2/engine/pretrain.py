@@ -125,38 +125,106 @@ def _crop_embed(model, x: torch.Tensor) -> torch.Tensor:
     return model.roi_heads.reid_head(model.roi_heads.res5(res4).mean(dim=(2, 3)))
 
 
-def _scene_batch(images, records, idx, rng):
-    """Scene images (same size assumed) with their labeled boxes, randomly flipped."""
+def _background_boxes(rng, persons: np.ndarray, w: int, h: int, count: int) -> np.ndarray:
+    """Up to ``count`` background boxes (K, 4): half are persons' boxes shifted or rescaled
+    until their IoU with every person is below 0.5 (the part-of-a-person ROIs the detector must
+    reject, so the features learn where a person is, not only that one is near), half random
+    person-shaped boxes with IoU < 0.3 with every person (clutter)."""
+    from qeeps_d2.evaluation.box_iou import box_iou
+
+    out = []
+    for attempt in range(8 * count):
+        if len(out) == count:
+            break
+        if attempt % 2 == 0 and len(persons):
+            p = persons[rng.randint(len(persons))]
+            pw, ph = p[2] - p[0], p[3] - p[1]
+            s = np.exp(rng.uniform(-0.7, 0.7))
+            cx = (p[0] + p[2]) / 2 + rng.uniform(-0.8, 0.8) * pw
+            cy = (p[1] + p[3]) / 2 + rng.uniform(-0.6, 0.6) * ph
+            box = np.array([cx - s * pw / 2, cy - s * ph / 2, cx + s * pw / 2, cy + s * ph / 2])
+            box = np.clip(box, 0, [w, h, w, h]).astype(np.float32)
+            limit = 0.5
+        else:
+            bh = rng.uniform(0.2, 0.8) * h
+            bw = bh * rng.uniform(0.3, 0.6)
+            x0, y0 = rng.uniform(0, max(w - bw, 1)), rng.uniform(0, max(h - bh, 1))
+            box = np.array([x0, y0, x0 + bw, y0 + bh], dtype=np.float32)
+            limit = 0.3
+        if box[2] - box[0] < 8 or box[3] - box[1] < 8:
+            continue
+        if all(box_iou(box, q) < limit for q in persons):
+            out.append(box)
+    return np.asarray(out, dtype=np.float32).reshape(-1, 4)
+
+
+def _scene_batch(images, records, idx, rng, num_background: int):
+    """Scene images (same size assumed), randomly flipped, with their ROIs. Per person: its box
+    slightly jittered (the identity ROI; pid -1 for unlabeled people) and a strongly jittered
+    copy with IoU >= 0.5 (a detection positive only); then ``num_background`` background boxes
+    (:func:`_background_boxes`).
+
+    Returns:
+        images (N, 3, H, W) float BGR, list of N ``Boxes`` (R ROIs in all), pids (R,) int64
+        (>= 0 only on identity ROIs of labeled people), is_person (R,) bool, targets (R, 4) the
+        person box each positive ROI should regress to (the ROI itself for background).
+    """
     from detectron2.structures import Boxes
 
-    xs, boxes, pids = [], [], []
+    from qeeps_d2.evaluation.box_iou import box_iou
+
+    xs, boxes, pids, person, targets = [], [], [], [], []
     for i in idx:
         img = images[i]
         h, w = img.shape[:2]
         flip = rng.rand() < 0.5
         if flip:
             img = img[:, ::-1]
-        b, p = [], []
+        gts, rois, p, t = [], [], [], []
         for a in records[i]["annotations"]:
-            if a["person_id"] < 0:
-                continue
-            box = _jitter(np.asarray(a["bbox"], dtype=np.float32), rng, 0.05, w, h)
+            g = np.asarray(a["bbox"], dtype=np.float32)
             if flip:
-                box = np.array([w - box[2], box[1], w - box[0], box[3]], dtype=np.float32)
-            b.append(box)
+                g = np.array([w - g[2], g[1], w - g[0], g[3]], dtype=np.float32)
+            gts.append(g)
+            rois.append(_jitter(g, rng, 0.05, w, h))
             p.append(a["person_id"])
+            t.append(g)
+            loose = _jitter(g, rng, 0.25, w, h)
+            if box_iou(loose, g) >= 0.5:
+                rois.append(loose)
+                p.append(-1)
+                t.append(g)
+        num_pos = len(rois)
+        bg = _background_boxes(rng, np.asarray(gts), w, h, num_background)
+        rois = np.concatenate([np.asarray(rois, np.float32).reshape(-1, 4), bg])
         xs.append(np.ascontiguousarray(img))
-        boxes.append(Boxes(torch.as_tensor(np.asarray(b, dtype=np.float32).reshape(-1, 4))))
-        pids.extend(p)
+        boxes.append(Boxes(torch.as_tensor(rois)))
+        pids.extend(p + [-1] * len(bg))
+        person.extend([True] * num_pos + [False] * len(bg))
+        targets.append(np.concatenate([np.asarray(t, np.float32).reshape(-1, 4), bg]))
     x = torch.from_numpy(np.stack(xs)).permute(0, 3, 1, 2).float()
-    return x, boxes, torch.as_tensor(pids)
+    return (x, boxes, torch.as_tensor(pids), torch.as_tensor(person),
+            torch.as_tensor(np.concatenate(targets)))
+
+
+def _detection_loss(predictor, feats, rois, is_person, targets) -> torch.Tensor:
+    """Fast R-CNN losses of ``predictor`` (Detectron2's ``FastRCNNOutputLayers``, one class) on
+    pooled ROI features (R, C): person / background cross-entropy plus the L1 regression of the
+    person ROIs (R, 4) to their ``targets``, normalised by R as Detectron2 does."""
+    scores, deltas = predictor(feats)
+    classes = torch.where(is_person, 0, 1)  # Detectron2: background = num_classes
+    loss = F.cross_entropy(scores, classes)
+    if bool(is_person.any()):
+        wanted = predictor.box2box_transform.get_deltas(rois[is_person], targets[is_person])
+        loss = loss + F.l1_loss(deltas[is_person][:, :4], wanted, reduction="sum") / len(rois)
+    return loss
 
 
 def _optimizer(params, p, iters: int):
     opt = torch.optim.AdamW(params, lr=p.LR, weight_decay=p.WEIGHT_DECAY)
     warm = max(1, iters // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda it: min(1.0, (it + 1) / warm) * 0.5 * (1 + math.cos(math.pi * it / iters)))
+        opt, lambda it: min(1.0, (it + 1) / warm) * 0.5 * (1 + math.cos(math.pi * it / max(iters, 1))))
     return opt, sched
 
 
@@ -206,18 +274,27 @@ def pretrain_identity(model, p, log_every: int = 50, echo=None) -> Dict[str, flo
                 f"{acc:.2f} ({time.perf_counter() - start:.0f} s)")
     times["crop_s"] = time.perf_counter() - start
 
-    # stage 2: the ROI path on scene images
+    # stage 2: the ROI path on scene images. The detector's own box predictor (ClsNet, RegNet)
+    # learns on the same ROIs (people vs background boxes, regression to the person's box), so
+    # the trunk keeps telling people from clutter and parts of people, and the detector of the
+    # OIM model starts from it
+    predictor = model.roi_heads.box_predictor
+    params = params + [q for q in predictor.parameters() if q.requires_grad]
     opt, sched = _optimizer(params, p, p.ROI_ITERS)
     start = time.perf_counter()
     for it in range(p.ROI_ITERS):
         idx = rng.randint(len(records), size=p.ROI_BATCH)
-        x, boxes, pids = _scene_batch(images, records, idx, rng)
-        x, pids = x.to(model.device), pids.to(model.device)
+        x, boxes, pids, is_person, targets = _scene_batch(images, records, idx, rng,
+                                                          p.ROI_BACKGROUND)
+        x, pids, is_person = x.to(model.device), pids.to(model.device), is_person.to(model.device)
         boxes = [b.to(model.device) for b in boxes]
-        feats = model.backbone(_normalize(model, x))
-        emb = model.roi_heads.reid_head(model.roi_heads.box_features(feats, boxes))
-        logits = classifier(emb)
+        feats = model.roi_heads.box_features(model.backbone(_normalize(model, x)), boxes)
+        labeled = pids >= 0
+        emb = model.roi_heads.reid_head(feats[labeled])
+        logits, pids = classifier(emb), pids[labeled]
         loss = F.cross_entropy(logits, pids, label_smoothing=0.1)
+        loss = loss + _detection_loss(predictor, feats, torch.cat([b.tensor for b in boxes]),
+                                      is_person, targets.to(model.device))
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -272,10 +349,11 @@ def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.asarray([[box_iou(x, y) for y in b] for x in a])
 
 
-PRETRAINED_KEYS = ("backbone.", "roi_heads.res5.", "roi_heads.reid_head.")
+PRETRAINED_KEYS = ("backbone.", "roi_heads.res5.", "roi_heads.reid_head.", "roi_heads.box_predictor.")
 
 
-def ensure_pretrained(config_file: str, path: str, opts: Sequence[str] = (), echo=None) -> str:
+def ensure_pretrained(config_file: str, path: str, opts: Sequence[str] = (), echo=None,
+                      init: str = "") -> str:
     """``path`` if it exists, else pretrain the identity path of the model of ``config_file``
     and save it there (atomically) as a checkpoint that ``MODEL.WEIGHTS`` loads: the backbone,
     res5 and re-id head weights (``PRETRAINED_KEYS``)."""
@@ -289,6 +367,10 @@ def ensure_pretrained(config_file: str, path: str, opts: Sequence[str] = (), ech
     cfg = setup_cfg(config_file, list(opts), resolve_schedule=False)
     torch.manual_seed(cfg.PRETRAIN.SEED)
     model = build_model(cfg)
+    if init:  # continue from earlier weights (experiments)
+        from detectron2.checkpoint import DetectionCheckpointer
+
+        DetectionCheckpointer(model).load(init)
     times, _ = pretrain_identity(model, cfg.PRETRAIN, echo=echo)
     state = {k: v.cpu() for k, v in model.state_dict().items() if k.startswith(PRETRAINED_KEYS)}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -305,10 +387,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="checkpoint to write (kept if it exists)")
     parser.add_argument("--eval", action="store_true",
                         help="then score search on synthps_test G100 with the annotated boxes")
+    parser.add_argument("--init", default="", help="start from these weights instead of from "
+                        "scratch")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    path = ensure_pretrained(args.config_file, args.out, args.opts)
+    path = ensure_pretrained(args.config_file, args.out, args.opts, init=args.init)
     if args.eval:
         from detectron2.checkpoint import DetectionCheckpointer
         from detectron2.modeling import build_model

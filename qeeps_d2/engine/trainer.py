@@ -25,7 +25,7 @@ from qeeps_d2.data.build import (
 from qeeps_d2.data.mapper import PersonSearchMapper
 from qeeps_d2.data.pairs import build_pair_records
 from qeeps_d2.data.samplers import ResumableTrainLoader
-from qeeps_d2.engine.hooks import NonFiniteLossCheck
+from qeeps_d2.engine.hooks import NonFiniteLossCheck, OIMTableInit
 from qeeps_d2.engine.rng_state import get_rng_state, set_rng_state
 
 __all__ = ["Trainer", "setup_cfg", "num_train_records", "train_records"]
@@ -107,7 +107,14 @@ class Trainer(DefaultTrainer):
         )
 
     def build_hooks(self):
-        return [NonFiniteLossCheck()] + super().build_hooks()
+        hooks = [NonFiniteLossCheck()]
+        lut_init = self.cfg.MODEL.QEEPS.OIM.LUT_INIT
+        if lut_init not in ("zeros", "weights"):
+            raise ValueError(f'MODEL.QEEPS.OIM.LUT_INIT must be "zeros" or "weights", got {lut_init!r}')
+        if lut_init == "weights":
+            records = get_detection_dataset_dicts(self.cfg.DATASETS.TRAIN, filter_empty=True)
+            hooks.append(OIMTableInit(records, PersonSearchMapper(self.cfg, is_train=False)))
+        return hooks + super().build_hooks()
 
     def state_dict(self):
         """Detectron2's trainer state plus the RNG states and the training stream's seed."""
