@@ -62,6 +62,14 @@ def add_qeeps_config(cfg):
     _C.MODEL.QEEPS.QSIMNET = CN()
     # Turn QSimNet on; off, the similarity is the cosine of the embeddings.
     _C.MODEL.QEEPS.QSIMNET.ENABLED = False
+    # Initialisation of QSimNet's FC: "default" (PyTorch's, the paper) or "distance" (starts as
+    # the normalised squared embedding distance, i.e. ranking like the cosine of the OIM model it
+    # is fine-tuned from; see qeeps_d2/modeling/qsimnet.py).
+    _C.MODEL.QEEPS.QSIMNET.INIT = "default"
+    # L_sim on the foreground ROIs only (people: the query person's ROIs positive, everyone
+    # else's negative; QSimNet's BatchNorm statistics then come from people, as at inference,
+    # where it ranks detections) instead of on every sampled ROI (False, background included).
+    _C.MODEL.QEEPS.QSIMNET.LOSS_ON_PEOPLE = False
     # At inference, detections with a ClsNet score below this are removed before the
     # QSimNet-driven NMS. -1 = TEST.PERSON_SEARCH.DET_THRESH: the protocol's threshold acts
     # before the NMS. 0.01 = the paper's 10^-2; the evaluation then drops detections below

@@ -114,6 +114,7 @@ class QEEPSROIHeads(Res5ROIHeads):
         qsimnet: Optional[nn.Module] = None,
         min_det_score: float = 0.01,
         trunk_grad_scale: float = 1.0,
+        sim_on_people: bool = False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -122,6 +123,7 @@ class QEEPSROIHeads(Res5ROIHeads):
         self.qsimnet = qsimnet
         self.min_det_score = min_det_score
         self.trunk_grad_scale = trunk_grad_scale
+        self.sim_on_people = sim_on_people
 
     @classmethod
     def from_config(cls, cfg, input_shape):
@@ -144,10 +146,11 @@ class QEEPSROIHeads(Res5ROIHeads):
                 scalar=q.OIM.SCALAR,
                 momentum=q.OIM.MOMENTUM,
             ),
-            qsimnet=QSimNet(q.EMBED_DIM) if q.QSIMNET.ENABLED else None,
+            qsimnet=QSimNet(q.EMBED_DIM, q.QSIMNET.INIT) if q.QSIMNET.ENABLED else None,
             min_det_score=(cfg.TEST.PERSON_SEARCH.DET_THRESH if q.QSIMNET.MIN_DET_SCORE < 0
                            else q.QSIMNET.MIN_DET_SCORE),
             trunk_grad_scale=q.OIM.TRUNK_GRAD_SCALE,
+            sim_on_people=q.QSIMNET.LOSS_ON_PEOPLE,
         )
         return ret
 
@@ -275,7 +278,9 @@ class QEEPSROIHeads(Res5ROIHeads):
                 [torch.full((len(p),), i, device=embeds.device) for i, p in enumerate(proposals)]
             )
             labels = fg & _cat_field(proposals, "gt_is_query", 0).bool()
-            logits = self.qsimnet(query_embeds[image_index], embeds)
+            rows = fg if self.sim_on_people else torch.ones_like(fg)
+            logits = self.qsimnet(query_embeds[image_index][rows], embeds[rows])
+            labels = labels[rows]
             # no ROI at all (no proposal survived and no person to add): a zero, not the NaN
             # of a mean over nothing
             losses["loss_sim"] = (F.cross_entropy(logits, labels.long()) if len(logits)
