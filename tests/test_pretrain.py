@@ -8,7 +8,8 @@ import torch
 from detectron2.modeling import build_model
 
 from qeeps_d2.checkpoint import QEEPSCheckpointer
-from qeeps_d2.engine.pretrain import PRETRAINED_KEYS, ensure_pretrained, pretrain_identity
+from qeeps_d2.engine.pretrain import (PRETRAINED_KEYS, _trainable_trunk, ensure_pretrained,
+                                     pretrain_identity)
 from qeeps_d2.engine.trainer import setup_cfg
 
 from model_fixtures import REPO
@@ -29,7 +30,7 @@ def test_crop_stage_learns_the_pretraining_identities(datasets):
     torch.manual_seed(0)
     cfg = setup_cfg(CONFIG, TINY + ["PRETRAIN.CROP_ITERS", "40", "PRETRAIN.ROI_ITERS", "3"],
                     resolve_schedule=False)
-    model = build_model(cfg)
+    model = build_model(_trainable_trunk(cfg))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     times, losses = pretrain_identity(model, cfg.PRETRAIN)
     assert len(losses["crop"]) == 40 and len(losses["scene"]) == 3
@@ -68,3 +69,13 @@ def test_ensure_pretrained_writes_weights_the_oim_model_loads(datasets):
 def test_pretraining_set_must_not_be_the_evaluation_seed(datasets):
     with pytest.raises(ValueError, match="PRETRAIN.SEED"):
         ensure_pretrained(CONFIG, str(datasets / "p.pth"), TINY + ["PRETRAIN.SEED", "0"])
+
+
+def test_pretraining_trains_the_whole_trunk_even_where_the_target_freezes_it(datasets):
+    """The SynthPS configs freeze stem + res2 and use FrozenBN for the pretrained trunk; the
+    pretraining itself (from scratch) must train all of it, with BatchNorm statistics."""
+    cfg = setup_cfg(CONFIG, TINY, resolve_schedule=False)
+    assert cfg.MODEL.BACKBONE.FREEZE_AT == 2 and cfg.MODEL.RESNETS.NORM == "FrozenBN"
+    model = build_model(_trainable_trunk(cfg))
+    stem = model.backbone.stem.conv1
+    assert stem.weight.requires_grad and isinstance(stem.norm, torch.nn.BatchNorm2d)
