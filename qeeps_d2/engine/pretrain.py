@@ -216,8 +216,8 @@ def pretrain_identity(model, p, log_every: int = 50, echo=None) -> Dict[str, flo
     the module docstring).
 
     Returns:
-        ({"crop_s", "roi_s"}: wall time of each stage in seconds, {"crop", "scene"}: the
-        classification loss of every step of each stage)."""
+        ({"crop_s", "scene_s"}: wall time of each stage in seconds, {"crop", "scene"}: the
+        loss of every step of each stage)."""
     records = [r for r in _pretrain_records(p) if any(a["person_id"] >= 0 for a in r["annotations"])]
     images = _load_images(records)
     if getattr(model, "input_format", "BGR") == "RGB":  # the model's INPUT.FORMAT
@@ -233,57 +233,52 @@ def pretrain_identity(model, p, log_every: int = 50, echo=None) -> Dict[str, flo
     times = {}
     losses = {"crop": [], "scene": []}
 
-    # stage 1: crops
-    params = _identity_params(model) + list(classifier.parameters())
-    opt, sched = _optimizer(params, p, p.CROP_ITERS)
-    start = time.perf_counter()
-    for it in range(p.CROP_ITERS):
+    def run_stage(name: str, iters: int, params, batch_loss) -> None:
+        """``iters`` AdamW steps on ``batch_loss() -> (loss, logits, pids)``; logs, times."""
+        opt, sched = _optimizer(params, p, iters)
+        start = time.perf_counter()
+        for it in range(iters):
+            loss, logits, pids = batch_loss()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses[name].append(loss.item())
+            if (it + 1) % log_every == 0:
+                acc = (logits.argmax(1) == pids).float().mean().item()
+                say(f"{name}s {it + 1}/{iters}: loss {loss.item():.3f}, training accuracy "
+                    f"{acc:.2f} ({time.perf_counter() - start:.0f} s)")
+        times[f"{name}_s"] = time.perf_counter() - start
+
+    def crop_loss():
         batch = [samples[j] for j in rng.randint(len(samples), size=p.CROP_BATCH)]
         x, pids = _crop_batch(images, batch, rng, tuple(p.CROP_SIZE))
         x, pids = x.to(model.device), pids.to(model.device)
         logits = classifier(_crop_embed(model, x))
-        loss = F.cross_entropy(logits, pids, label_smoothing=0.1)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses["crop"].append(loss.item())
-        if (it + 1) % log_every == 0:
-            acc = (logits.argmax(1) == pids).float().mean().item()
-            say(f"crops {it + 1}/{p.CROP_ITERS}: loss {loss.item():.3f}, training accuracy "
-                f"{acc:.2f} ({time.perf_counter() - start:.0f} s)")
-    times["crop_s"] = time.perf_counter() - start
+        return F.cross_entropy(logits, pids, label_smoothing=0.1), logits, pids
 
-    # stage 2: the ROI path on scene images. A person / background logit on the same pooled
-    # features (dropped afterwards) keeps the trunk telling people from clutter and from parts of
-    # people, which ClsNet needs later. (Training the detector's own box predictor here, with
-    # its regression, was measured worse: annotated-box mAP 30.0 instead of 38.9.)
+    # stage 2's person / background logit on the same pooled features (dropped afterwards)
+    # keeps the trunk telling people from clutter and from parts of people, which ClsNet needs
+    # later. (Training the detector's own box predictor here, with its regression, was measured
+    # worse: annotated-box mAP 30.0 instead of 38.9.)
     person_head = nn.Linear(model.roi_heads.res5[-1].out_channels, 1).to(model.device)
-    params = params + list(person_head.parameters())
-    opt, sched = _optimizer(params, p, p.ROI_ITERS)
-    start = time.perf_counter()
-    for it in range(p.ROI_ITERS):
+
+    def scene_loss():
         idx = rng.randint(len(records), size=p.ROI_BATCH)
         x, boxes, pids, is_person = _scene_batch(images, records, idx, rng, p.ROI_BACKGROUND)
         x, pids, is_person = x.to(model.device), pids.to(model.device), is_person.to(model.device)
         boxes = [b.to(model.device) for b in boxes]
         feats = model.roi_heads.box_features(model.backbone(_normalize(model, x)), boxes)
         labeled = pids >= 0
-        emb = model.roi_heads.reid_head(feats[labeled])
-        logits, pids = classifier(emb), pids[labeled]
+        logits, pids = classifier(model.roi_heads.reid_head(feats[labeled])), pids[labeled]
         loss = F.cross_entropy(logits, pids, label_smoothing=0.1)
         loss = loss + F.binary_cross_entropy_with_logits(person_head(feats)[:, 0],
                                                          is_person.float())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses["scene"].append(loss.item())
-        if (it + 1) % log_every == 0:
-            acc = (logits.argmax(1) == pids).float().mean().item()
-            say(f"scenes {it + 1}/{p.ROI_ITERS}: loss {loss.item():.3f}, training accuracy "
-                f"{acc:.2f} ({time.perf_counter() - start:.0f} s)")
-    times["roi_s"] = time.perf_counter() - start
+        return loss, logits, pids
+
+    params = _identity_params(model) + list(classifier.parameters())
+    run_stage("crop", p.CROP_ITERS, params, crop_loss)
+    run_stage("scene", p.ROI_ITERS, params + list(person_head.parameters()), scene_loss)
     model.eval()
     return times, losses
 
