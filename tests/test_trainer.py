@@ -77,3 +77,30 @@ def test_base_model_lr_factor_scales_all_but_the_query_guidance_parameters(optim
     cfg.SOLVER.BASE_MODEL_LR_FACTOR = 0.0
     with pytest.raises(ValueError, match="BASE_MODEL_LR_FACTOR"):
         Trainer.build_optimizer(cfg, model)
+
+
+def test_trunk_lr_factor_scales_the_trunk_but_not_the_qsse_layers_inside_it():
+    from detectron2.modeling import build_model
+
+    from qeeps_d2.engine.trainer import Trainer
+
+    cfg = model_fixtures.tiny_cfg(qsse=True, qrpn=True, qsimnet=True)
+    cfg.SOLVER.OPTIMIZER, cfg.SOLVER.BASE_LR = "ADAMW", 0.01
+    cfg.SOLVER.BASE_MODEL_LR_FACTOR, cfg.SOLVER.TRUNK_LR_FACTOR = 0.5, 0.1
+    model = build_model(cfg)
+    lr_of = {id(p): g["lr"] for g in Trainer.build_optimizer(cfg, model).param_groups
+             for p in g["params"]}
+    seen = set()
+    for name, p in model.named_parameters():
+        if ".qsse." in name or name.startswith(("proposal_generator.query_", "roi_heads.qsimnet.")):
+            expected, kind = 0.01, "new"                    # new layers: base rate
+        elif name.startswith(("backbone.", "roi_heads.res5.")):
+            expected, kind = 0.01 * 0.5 * 0.1, "trunk"      # both factors
+        else:
+            expected, kind = 0.01 * 0.5, "heads"            # RPN, box predictor, re-id head
+        assert lr_of[id(p)] == pytest.approx(expected), name
+        seen.add(kind)
+    assert seen == {"new", "trunk", "heads"}
+    cfg.SOLVER.TRUNK_LR_FACTOR = -1.0
+    with pytest.raises(ValueError, match="TRUNK_LR_FACTOR"):
+        Trainer.build_optimizer(cfg, model)
