@@ -9,6 +9,11 @@ def add_qeeps_config(cfg):
     _C.MODEL.QEEPS = CN()
     # Dimension of the L2-normalised re-identification embedding (the OIM feature).
     _C.MODEL.QEEPS.EMBED_DIM = 256
+    # Which res5 ClsNet and RegNet read: "shared" = the identity path's (the paper's ClsIdenNet,
+    # one res5 for detection and re-id); "separate" = their own copy (started from the same
+    # weights), while the identity res5 embeds the final regressed boxes (SeqNet-style), so the
+    # two tasks do not fight over one head.
+    _C.MODEL.QEEPS.DET_HEAD = "shared"
     # Per-term loss weights: lambda_1..7 of the paper's Eq. 3 (all 1 in the paper), named after
     # the terms of the loss dict.
     _C.MODEL.QEEPS.LOSS_WEIGHTS = CN()
@@ -174,6 +179,10 @@ def add_qeeps_config(cfg):
     # Background boxes per scene image in stage 2, for a person / background logit on the same
     # features (dropped afterwards, like the identity classifier).
     _C.PRETRAIN.ROI_BACKGROUND = 8
+    # Stage 2 also trains the detector (RPN, ClsNet + RegNet and, with MODEL.QEEPS.DET_HEAD
+    # "separate", their res5) on the same scenes, and the checkpoint keeps it: detection
+    # training then starts from features and heads that already find people.
+    _C.PRETRAIN.DETECTION = False
     # AdamW learning rate (cosine decay in each stage) and weight decay.
     _C.PRETRAIN.LR = 0.002
     _C.PRETRAIN.WEIGHT_DECAY = 0.0005

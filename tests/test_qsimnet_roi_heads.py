@@ -187,7 +187,11 @@ def _qsimnet_inference(monkeypatch, heads, boxes, det, sims):
         heads.box_predictor, "predict_probs",
         lambda preds, props: (torch.stack([det, 1 - det], dim=1),),
     )
-    monkeypatch.setattr(heads.qsimnet, "similarity", lambda q, g: sims)
+    # the head scores only the candidates that pass its ClsNet cut, in proposal order
+    candidates = det >= heads.min_det_score
+    monkeypatch.setattr(heads.qsimnet, "similarity",
+                        lambda q, g: sims[candidates][: len(g)] if len(g) == candidates.sum()
+                        else pytest.fail("similarity not called on exactly the candidates"))
     features = {"res4": torch.rand(1, 128, 4, 6)}
     query = F.normalize(torch.randn(1, EMBED_DIM), dim=1)
     with torch.no_grad():

@@ -85,6 +85,7 @@ def test_trunk_lr_factor_scales_the_trunk_but_not_the_qsse_layers_inside_it():
     from qeeps_d2.engine.trainer import Trainer
 
     cfg = model_fixtures.tiny_cfg(qsse=True, qrpn=True, qsimnet=True)
+    cfg.MODEL.QEEPS.DET_HEAD = "separate"  # its res5 is a detection head: the heads' rate
     cfg.SOLVER.OPTIMIZER, cfg.SOLVER.BASE_LR = "ADAMW", 0.01
     cfg.SOLVER.BASE_MODEL_LR_FACTOR, cfg.SOLVER.TRUNK_LR_FACTOR = 0.5, 0.1
     model = build_model(cfg)
@@ -96,11 +97,11 @@ def test_trunk_lr_factor_scales_the_trunk_but_not_the_qsse_layers_inside_it():
             expected, kind = 0.01, "new"                    # new layers: base rate
         elif name.startswith(("backbone.", "roi_heads.res5.")):
             expected, kind = 0.01 * 0.5 * 0.1, "trunk"      # both factors
-        else:
-            expected, kind = 0.01 * 0.5, "heads"            # RPN, box predictor, re-id head
+        else:  # RPN, detection res5 + box predictor, re-id head
+            expected, kind = 0.01 * 0.5, "det_res5" if ".det_res5." in name else "heads"
         assert lr_of[id(p)] == pytest.approx(expected), name
         seen.add(kind)
-    assert seen == {"new", "trunk", "heads"}
+    assert seen == {"new", "trunk", "heads", "det_res5"}
     cfg.SOLVER.TRUNK_LR_FACTOR = -1.0
     with pytest.raises(ValueError, match="TRUNK_LR_FACTOR"):
         Trainer.build_optimizer(cfg, model)

@@ -40,8 +40,9 @@ _QUERY_GUIDANCE = re.compile(r"(^|\.)qsse\.|^proposal_generator\.query_|^roi_hea
 
 def is_trunk_parameter(name: str) -> bool:
     """True for a parameter of the ResNet trunk: the backbone (stem, res2..res4) and the res5
-    head (the weights an ImageNet or identity-pretrained checkpoint provides), not the QSSE
-    excitations that live inside its blocks (new layers)."""
+    head of the identity path (the weights an ImageNet or identity-pretrained checkpoint
+    provides), not the QSSE excitations that live inside its blocks (new layers), nor the
+    detection head's own res5 (MODEL.QEEPS.DET_HEAD "separate"), which learns at the heads' rate."""
     return (name.startswith(("backbone.", "roi_heads.res5."))
             and not is_query_guidance_parameter(name))
 

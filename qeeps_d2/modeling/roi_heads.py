@@ -13,6 +13,7 @@ statistics also in training.
 """
 from __future__ import annotations
 
+import copy
 from contextlib import contextmanager
 from typing import Dict, List, Optional
 
@@ -115,9 +116,15 @@ class QEEPSROIHeads(Res5ROIHeads):
         min_det_score: float = 0.01,
         trunk_grad_scale: float = 1.0,
         sim_on_people: bool = False,
+        separate_det_head: bool = False,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        # ClsNet/RegNet on their own res5 copy (see MODEL.QEEPS.DET_HEAD); ``res5`` keeps the
+        # stock name and serves the identity path
+        self.det_res5 = copy.deepcopy(self.res5) if separate_det_head else None
+        if separate_det_head:
+            self._register_load_state_dict_pre_hook(_det_res5_from_res5)
         self.reid_head = reid_head
         self.oim_loss = oim_loss
         self.qsimnet = qsimnet
@@ -151,13 +158,27 @@ class QEEPSROIHeads(Res5ROIHeads):
                            else q.QSIMNET.MIN_DET_SCORE),
             trunk_grad_scale=q.OIM.TRUNK_GRAD_SCALE,
             sim_on_people=q.QSIMNET.LOSS_ON_PEOPLE,
+            separate_det_head=_det_head_mode(q.DET_HEAD) == "separate",
         )
         return ret
 
     def box_features(self, features: Dict[str, torch.Tensor], boxes: List[Boxes]) -> torch.Tensor:
-        """(sum of boxes, C5): res5 on the pooled boxes, averaged over space."""
+        """(sum of boxes, C5): res5 on the pooled boxes, averaged over space (the identity path)."""
         x = self._shared_roi_transform([features[f] for f in self.in_features], boxes)
         return x.mean(dim=(2, 3))
+
+    def det_box_features(self, features: Dict[str, torch.Tensor], boxes: List[Boxes]
+                         ) -> torch.Tensor:
+        """(sum of boxes, C5): the features ClsNet and RegNet see; those of :meth:`box_features`
+        unless the detection head has its own res5 (MODEL.QEEPS.DET_HEAD "separate")."""
+        if self.det_res5 is None:
+            return self.box_features(features, boxes)
+        x = self.pooler([features[f] for f in self.in_features], boxes)
+        return self.det_res5(x).mean(dim=(2, 3))
+
+    @property
+    def separate_det_head(self) -> bool:
+        return self.det_res5 is not None
 
     def embed(self, box_features: torch.Tensor, stats_mask: Optional[torch.Tensor] = None
               ) -> torch.Tensor:
@@ -211,15 +232,16 @@ class QEEPSROIHeads(Res5ROIHeads):
             probability when it is enabled, else the cosine with the query embedding).
         """
         num = [len(p) for p in proposals]
+        boxes = [p.proposal_boxes for p in proposals]
         if sum(num):
-            feats = self.box_features(features, [p.proposal_boxes for p in proposals])
+            feats = self.det_box_features(features, boxes)
             probs = self.box_predictor.predict_probs(self.box_predictor(feats), proposals)
-            embeds = self.embed(feats).split(num)
+            embeds = (self.embed(self.box_features(features, boxes)) if self.separate_det_head
+                      else self.embed(feats)).split(num)
         else:  # no box at all: nothing to pool
             device = next(iter(features.values())).device
-            dim = self.reid_head.proj.out_features
             probs = [torch.zeros(0, self.num_classes + 1, device=device)] * len(num)
-            embeds = [torch.zeros(0, dim, device=device)] * len(num)
+            embeds = self._embed_per_image(features, boxes)
         results = []
         for i, (p, prob, emb) in enumerate(zip(proposals, probs, embeds)):
             res = Instances(p.image_size)
@@ -256,16 +278,35 @@ class QEEPSROIHeads(Res5ROIHeads):
             if not targets:
                 raise ValueError("QEEPSROIHeads requires targets in training")
             proposals = self.label_and_sample_proposals(proposals, targets)
-        feats = self.box_features(features, [p.proposal_boxes for p in proposals])
+        boxes = [p.proposal_boxes for p in proposals]
+        feats = self.det_box_features(features, boxes)
         predictions = self.box_predictor(feats)
-        foreground = None
-        if self.training:
-            gt_classes = torch.cat([p.gt_classes for p in proposals])
-            foreground = (gt_classes >= 0) & (gt_classes < self.num_classes)
-        embeds = self.embed(feats, foreground)
-        if self.training:
-            return [], self._losses(predictions, embeds, proposals, query_embeds)
-        return self._inference(predictions, embeds, proposals, query_embeds), {}
+        if not self.training:
+            # separate detection head: the identity path embeds the final (regressed) boxes
+            embeds = None if self.separate_det_head else self.embed(feats)
+            return self._inference(features, predictions, proposals, query_embeds, embeds), {}
+        gt_classes = torch.cat([p.gt_classes for p in proposals])
+        foreground = (gt_classes >= 0) & (gt_classes < self.num_classes)
+        if not self.separate_det_head:
+            embeds = self.embed(feats, foreground)
+        else:  # the identity res5 runs only on the rows a loss reads
+            rows = foreground
+            if self.qsimnet is not None and query_embeds is not None and not self.sim_on_people:
+                rows = torch.ones_like(foreground)
+            picked = [b[m] for b, m in zip(boxes, rows.split([len(b) for b in boxes]))]
+            embeds = feats.new_zeros(len(feats), self.reid_head.proj.out_features)
+            if rows.any():
+                embeds[rows] = self.embed(self.box_features(features, picked), foreground[rows])
+        return [], self._losses(predictions, embeds, proposals, query_embeds)
+
+    def _embed_per_image(self, features: Dict[str, torch.Tensor], boxes: List[Boxes]
+                         ) -> List[torch.Tensor]:
+        """Embeddings of given boxes per image: a list of (M_i, D) (empty ones included)."""
+        num = [len(b) for b in boxes]
+        if sum(num):
+            return list(self.embed(self.box_features(features, boxes)).split(num))
+        device = next(iter(features.values())).device
+        return [torch.zeros(0, self.reid_head.proj.out_features, device=device)] * len(num)
 
     def _losses(self, predictions, embeds, proposals, query_embeds) -> Dict[str, torch.Tensor]:
         losses = self.box_predictor.losses(predictions, proposals)
@@ -287,12 +328,20 @@ class QEEPSROIHeads(Res5ROIHeads):
                                   else logits.sum() * 0.0)
         return losses
 
-    def _inference(self, predictions, embeds, proposals, query_embeds) -> List[Instances]:
+    def _inference(self, features, predictions, proposals, query_embeds, embeds=None
+                   ) -> List[Instances]:
+        """Detections of B images. ``embeds`` (R, D): embeddings of the proposals, whose kept
+        rows the detections take (one shared res5); None: the identity path embeds the final
+        regressed boxes themselves (separate detection head)."""
         num_per_image = [len(p) for p in proposals]
         if self.qsimnet is None or query_embeds is None:
             results, kept = self.box_predictor.inference(predictions, proposals)
-            for res, keep, emb in zip(results, kept, embeds.split(num_per_image)):
-                res.pred_embeds = emb[keep]
+            if embeds is None:
+                per_image = self._embed_per_image(features, [r.pred_boxes for r in results])
+            else:
+                per_image = [e[k] for e, k in zip(embeds.split(num_per_image), kept)]
+            for res, emb in zip(results, per_image):
+                res.pred_embeds = emb
             if query_embeds is not None:
                 for res, q in zip(results, query_embeds):
                     res.pred_sims = res.pred_embeds @ q
@@ -302,17 +351,24 @@ class QEEPSROIHeads(Res5ROIHeads):
         # query similarity ranks the rest and drives their NMS.
         boxes = self.box_predictor.predict_boxes(predictions, proposals)
         probs = self.box_predictor.predict_probs(predictions, proposals)
-        results = []
-        for i, (p, emb) in enumerate(zip(proposals, embeds.split(num_per_image))):
-            sims = self.qsimnet.similarity(query_embeds[i : i + 1], emb)
+        candidates = []
+        for i, p in enumerate(proposals):
             det = probs[i][:, 0]
             bxs = Boxes(boxes[i][:, :4])
             bxs.clip(p.image_size)
             keep = torch.nonzero(
                 (det >= self.min_det_score) & torch.isfinite(bxs.tensor).all(dim=1)
             ).squeeze(1)
-            keep = keep[batched_nms(bxs.tensor[keep], sims[keep], torch.zeros_like(keep),
-                                    self.box_predictor.test_nms_thresh)]
+            candidates.append((bxs[keep], det[keep], keep))
+        if embeds is None:
+            cand_embeds = self._embed_per_image(features, [c[0] for c in candidates])
+        else:
+            cand_embeds = [e[c[2]] for e, c in zip(embeds.split(num_per_image), candidates)]
+        results = []
+        for i, (p, (bxs, det, _), emb) in enumerate(zip(proposals, candidates, cand_embeds)):
+            sims = self.qsimnet.similarity(query_embeds[i : i + 1], emb)
+            keep = batched_nms(bxs.tensor, sims, torch.zeros_like(sims, dtype=torch.long),
+                               self.box_predictor.test_nms_thresh)
             keep = keep[: self.box_predictor.test_topk_per_image]
             res = Instances(p.image_size)
             res.pred_boxes = bxs[keep]
@@ -322,3 +378,20 @@ class QEEPSROIHeads(Res5ROIHeads):
             res.pred_sims = sims[keep]
             results.append(res)
         return results
+
+
+def _det_head_mode(mode: str) -> str:
+    if mode not in ("shared", "separate"):
+        raise ValueError(f"MODEL.QEEPS.DET_HEAD must be 'shared' or 'separate', got {mode!r}")
+    return mode
+
+
+def _det_res5_from_res5(state_dict, prefix, *args) -> None:
+    """Load-state-dict pre-hook: a checkpoint without ``det_res5`` weights (a model-zoo ResNet,
+    the identity pretraining, a shared-head model) starts the detection res5 as a copy of its
+    ``res5``."""
+    src, dst = prefix + "res5.", prefix + "det_res5."
+    if any(k.startswith(dst) for k in state_dict):
+        return
+    for key in [k for k in state_dict if k.startswith(src)]:
+        state_dict[dst + key[len(src):]] = state_dict[key].clone()
