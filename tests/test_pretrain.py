@@ -79,3 +79,26 @@ def test_pretraining_trains_the_whole_trunk_even_where_the_target_freezes_it(dat
     model = build_model(_trainable_trunk(cfg))
     stem = model.backbone.stem.conv1
     assert stem.weight.requires_grad and isinstance(stem.norm, torch.nn.BatchNorm2d)
+
+
+def test_detection_pretraining_trains_and_saves_the_detector(datasets):
+    """PRETRAIN.DETECTION: stage 2 also trains the RPN and the detection head (here its own
+    res5) and the checkpoint carries them; without it they stay untouched (test above)."""
+    from qeeps_d2.engine.pretrain import DETECTOR_KEYS
+
+    opts = TINY + ["PRETRAIN.CROP_ITERS", "1", "PRETRAIN.ROI_ITERS", "2",
+                   "PRETRAIN.DETECTION", "True", "MODEL.QEEPS.DET_HEAD", "separate"]
+    cfg = setup_cfg(CONFIG, opts, resolve_schedule=False)
+    torch.manual_seed(0)
+    model = build_model(_trainable_trunk(cfg))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    pretrain_identity(model, cfg.PRETRAIN)
+    after = model.state_dict()
+    for prefix in DETECTOR_KEYS + PRETRAINED_KEYS:
+        assert any(not torch.equal(before[k], after[k]) for k in after if k.startswith(prefix)), \
+            prefix
+    path = str(datasets / "pretrain_det" / "model_final.pth")
+    ensure_pretrained(CONFIG, path, opts)
+    state = torch.load(path, weights_only=True)["model"]
+    for prefix in DETECTOR_KEYS:
+        assert any(k.startswith(prefix) for k in state), prefix

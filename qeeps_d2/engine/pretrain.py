@@ -34,6 +34,7 @@ import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
+from detectron2.utils.events import EventStorage
 from torch import nn
 
 __all__ = ["pretrain_identity", "ensure_pretrained", "main"]
@@ -168,11 +169,12 @@ def _scene_batch(images, records, idx, rng, num_background: int):
 
     Returns:
         images (N, 3, H, W) float BGR, list of N ``Boxes`` (R ROIs in all), pids (R,) int64
-        (>= 0 only on labeled people), is_person (R,) bool.
+        (>= 0 only on labeled people), is_person (R,) bool, list of N (P_i, 4) float32 arrays
+        (every person's annotated box, flipped with its image).
     """
     from detectron2.structures import Boxes
 
-    xs, boxes, pids, person = [], [], [], []
+    xs, boxes, pids, person, people = [], [], [], [], []
     for i in idx:
         img = images[i]
         h, w = img.shape[:2]
@@ -188,6 +190,7 @@ def _scene_batch(images, records, idx, rng, num_background: int):
             rois.append(_jitter(g, rng, 0.05, w, h))
             p.append(a["person_id"])
         num_pos = len(rois)
+        people.append(np.asarray(gts, np.float32).reshape(-1, 4))
         bg = _background_boxes(rng, np.asarray(gts), w, h, num_background)
         rois = np.concatenate([np.asarray(rois, np.float32).reshape(-1, 4), bg])
         xs.append(np.ascontiguousarray(img))
@@ -195,7 +198,31 @@ def _scene_batch(images, records, idx, rng, num_background: int):
         pids.extend(p + [-1] * len(bg))
         person.extend([True] * num_pos + [False] * len(bg))
     x = torch.from_numpy(np.stack(xs)).permute(0, 3, 1, 2).float()
-    return x, boxes, torch.as_tensor(pids), torch.as_tensor(person)
+    return x, boxes, torch.as_tensor(pids), torch.as_tensor(person), people
+
+
+def _detection_loss(model, x: torch.Tensor, features: Dict[str, torch.Tensor],
+                    people: Sequence[np.ndarray]) -> torch.Tensor:
+    """The detector's own losses on a scene batch: RPN objectness + box regression, then ClsNet +
+    RegNet (the detection head) on proposals sampled as in training. x: (N, 3, H, W) normalised
+    images; people: N (P_i, 4) XYXY person boxes. Needs an ``EventStorage``."""
+    from detectron2.structures import Boxes, ImageList, Instances
+
+    h, w = x.shape[-2:]
+    targets = []
+    for boxes in people:
+        inst = Instances((h, w))
+        inst.gt_boxes = Boxes(torch.as_tensor(boxes, device=x.device))
+        inst.gt_classes = torch.zeros(len(boxes), dtype=torch.int64, device=x.device)
+        targets.append(inst)
+    proposals, losses = model.proposal_generator(ImageList(x, [(h, w)] * len(x)), features,
+                                                 targets)
+    heads = model.roi_heads
+    sampled = heads.label_and_sample_proposals(proposals, targets)
+    predictions = heads.box_predictor(
+        heads.det_box_features(features, [p.proposal_boxes for p in sampled]))
+    losses.update(heads.box_predictor.losses(predictions, sampled))
+    return sum(losses.values())
 
 
 def _optimizer(params, p, iters: int):
@@ -208,6 +235,15 @@ def _optimizer(params, p, iters: int):
 
 def _identity_params(model) -> List[nn.Parameter]:
     mods = [model.backbone, model.roi_heads.res5, model.roi_heads.reid_head]
+    return [p for m in mods for p in m.parameters() if p.requires_grad]
+
+
+def _detector_params(model) -> List[nn.Parameter]:
+    """The RPN and the detection head (its own res5 when MODEL.QEEPS.DET_HEAD is "separate")."""
+    heads = model.roi_heads
+    mods = [model.proposal_generator, heads.box_predictor]
+    if heads.det_res5 is not None:
+        mods.append(heads.det_res5)
     return [p for m in mods for p in m.parameters() if p.requires_grad]
 
 
@@ -265,20 +301,29 @@ def pretrain_identity(model, p, log_every: int = 50, echo=None) -> Dict[str, flo
 
     def scene_loss():
         idx = rng.randint(len(records), size=p.ROI_BATCH)
-        x, boxes, pids, is_person = _scene_batch(images, records, idx, rng, p.ROI_BACKGROUND)
+        x, boxes, pids, is_person, people = _scene_batch(images, records, idx, rng,
+                                                         p.ROI_BACKGROUND)
         x, pids, is_person = x.to(model.device), pids.to(model.device), is_person.to(model.device)
         boxes = [b.to(model.device) for b in boxes]
-        feats = model.roi_heads.box_features(model.backbone(_normalize(model, x)), boxes)
+        x = _normalize(model, x)
+        features = model.backbone(x)
+        feats = model.roi_heads.box_features(features, boxes)
         labeled = pids >= 0
         logits, pids = classifier(model.roi_heads.reid_head(feats[labeled])), pids[labeled]
         loss = F.cross_entropy(logits, pids, label_smoothing=0.1)
         loss = loss + F.binary_cross_entropy_with_logits(person_head(feats)[:, 0],
                                                          is_person.float())
+        if p.DETECTION:
+            loss = loss + _detection_loss(model, x, features, people)
         return loss, logits, pids
 
     params = _identity_params(model) + list(classifier.parameters())
     run_stage("crop", p.CROP_ITERS, params, crop_loss)
-    run_stage("scene", p.ROI_ITERS, params + list(person_head.parameters()), scene_loss)
+    scene_params = params + list(person_head.parameters())
+    if p.DETECTION:
+        scene_params += _detector_params(model)
+    with EventStorage():  # the detector's losses log their statistics there
+        run_stage("scene", p.ROI_ITERS, scene_params, scene_loss)
     model.eval()
     return times, losses
 
@@ -297,6 +342,8 @@ def _trainable_trunk(cfg):
 
 
 PRETRAINED_KEYS = ("backbone.", "roi_heads.res5.", "roi_heads.reid_head.")
+# with PRETRAIN.DETECTION, the detector trained in stage 2 too
+DETECTOR_KEYS = ("proposal_generator.", "roi_heads.det_res5.", "roi_heads.box_predictor.")
 
 
 def ensure_pretrained(config_file: str, path: str, opts: Sequence[str] = (), echo=None,
@@ -320,7 +367,8 @@ def ensure_pretrained(config_file: str, path: str, opts: Sequence[str] = (), ech
 
         DetectionCheckpointer(model).load(init)
     times, _ = pretrain_identity(model, cfg.PRETRAIN, echo=echo)
-    state = {k: v.cpu() for k, v in model.state_dict().items() if k.startswith(PRETRAINED_KEYS)}
+    keys = PRETRAINED_KEYS + (DETECTOR_KEYS if cfg.PRETRAIN.DETECTION else ())
+    state = {k: v.cpu() for k, v in model.state_dict().items() if k.startswith(keys)}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     write_atomically(path, lambda f: torch.save({"model": state, "pretrain_s": times}, f))
     (echo or logger.info)(f"identity pretraining done in {sum(times.values()) / 60:.1f} min: {path}")
