@@ -8,8 +8,8 @@ import torch
 from detectron2.modeling import build_model
 
 from qeeps_d2.checkpoint import QEEPSCheckpointer
-from qeeps_d2.engine.pretrain import (PRETRAINED_KEYS, _trainable_trunk, ensure_pretrained,
-                                     pretrain_identity)
+from qeeps_d2.engine.pretrain import (DETECTOR_KEYS, PRETRAINED_KEYS, _trainable_trunk,
+                                     ensure_pretrained, pretrain_identity)
 from qeeps_d2.engine.trainer import setup_cfg
 
 from model_fixtures import REPO
@@ -28,8 +28,8 @@ def datasets(tmp_path, monkeypatch):
 
 def test_crop_stage_learns_the_pretraining_identities(datasets):
     torch.manual_seed(0)
-    cfg = setup_cfg(CONFIG, TINY + ["PRETRAIN.CROP_ITERS", "40", "PRETRAIN.ROI_ITERS", "3"],
-                    resolve_schedule=False)
+    cfg = setup_cfg(CONFIG, TINY + ["PRETRAIN.CROP_ITERS", "40", "PRETRAIN.ROI_ITERS", "3",
+                                    "PRETRAIN.DETECTION", "False"], resolve_schedule=False)
     model = build_model(_trainable_trunk(cfg))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     times, losses = pretrain_identity(model, cfg.PRETRAIN)
@@ -40,9 +40,9 @@ def test_crop_stage_learns_the_pretraining_identities(datasets):
     after = model.state_dict()
     for prefix in PRETRAINED_KEYS:
         assert any(not torch.equal(before[k], after[k]) for k in after if k.startswith(prefix))
-    # the detection heads are not part of the identity path
+    # without PRETRAIN.DETECTION the detector is not trained
     for k in after:
-        if k.startswith(("proposal_generator.", "roi_heads.box_predictor.")):
+        if k.startswith(("proposal_generator.", "roi_heads.box_predictor.", "roi_heads.det_res5.")):
             assert torch.equal(before[k], after[k]), k
 
 
@@ -51,12 +51,13 @@ def test_ensure_pretrained_writes_weights_the_oim_model_loads(datasets):
     opts = TINY + ["PRETRAIN.CROP_ITERS", "2", "PRETRAIN.ROI_ITERS", "1"]
     assert ensure_pretrained(CONFIG, path, opts) == path
     state = torch.load(path, weights_only=True)["model"]
-    assert state and all(k.startswith(PRETRAINED_KEYS) for k in state)
+    # the SynthPS configs pretrain the detector too (PRETRAIN.DETECTION)
+    assert state and all(k.startswith(PRETRAINED_KEYS + DETECTOR_KEYS) for k in state)
     cfg = setup_cfg(CONFIG, opts, resolve_schedule=False)
     model = build_model(cfg)
     QEEPSCheckpointer(model).load(path)
     loaded = model.state_dict()
-    expected = [k for k in loaded if k.startswith(PRETRAINED_KEYS)]
+    expected = [k for k in loaded if k.startswith(PRETRAINED_KEYS + DETECTOR_KEYS)]
     assert set(expected) <= set(state)
     for k in expected:
         assert torch.equal(loaded[k], state[k]), k
@@ -84,8 +85,6 @@ def test_pretraining_trains_the_whole_trunk_even_where_the_target_freezes_it(dat
 def test_detection_pretraining_trains_and_saves_the_detector(datasets):
     """PRETRAIN.DETECTION: stage 2 also trains the RPN and the detection head (here its own
     res5) and the checkpoint carries them; without it they stay untouched (test above)."""
-    from qeeps_d2.engine.pretrain import DETECTOR_KEYS
-
     opts = TINY + ["PRETRAIN.CROP_ITERS", "1", "PRETRAIN.ROI_ITERS", "2",
                    "PRETRAIN.DETECTION", "True", "MODEL.QEEPS.DET_HEAD", "separate"]
     cfg = setup_cfg(CONFIG, opts, resolve_schedule=False)
@@ -102,3 +101,12 @@ def test_detection_pretraining_trains_and_saves_the_detector(datasets):
     state = torch.load(path, weights_only=True)["model"]
     for prefix in DETECTOR_KEYS:
         assert any(k.startswith(prefix) for k in state), prefix
+
+
+def test_an_identity_only_pretraining_is_not_taken_for_a_detection_one(datasets):
+    path = str(datasets / "pretrain_old" / "model_final.pth")
+    opts = TINY + ["PRETRAIN.CROP_ITERS", "1", "PRETRAIN.ROI_ITERS", "1"]
+    ensure_pretrained(CONFIG, path, opts + ["PRETRAIN.DETECTION", "False"])
+    with pytest.raises(RuntimeError, match="without the detector"):
+        ensure_pretrained(CONFIG, path, opts)
+    assert ensure_pretrained(CONFIG, path, opts + ["PRETRAIN.DETECTION", "False"]) == path

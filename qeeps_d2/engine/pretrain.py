@@ -346,6 +346,19 @@ PRETRAINED_KEYS = ("backbone.", "roi_heads.res5.", "roi_heads.reid_head.")
 DETECTOR_KEYS = ("proposal_generator.", "roi_heads.det_res5.", "roi_heads.box_predictor.")
 
 
+def _check_pretrained(path: str, detection: bool) -> None:
+    """An existing checkpoint must hold what PRETRAIN asks for: one written before
+    PRETRAIN.DETECTION (no detector) would silently start the detector from scratch."""
+    if not detection:
+        return
+    state = torch.load(path, map_location="cpu", weights_only=True).get("model", {})
+    if not any(k.startswith(DETECTOR_KEYS) for k in state):
+        raise RuntimeError(
+            f"{path} holds an identity pretraining without the detector, while "
+            f"PRETRAIN.DETECTION is on: delete it to pretrain again (or pass "
+            f"PRETRAIN.DETECTION False to use it as it is)")
+
+
 def ensure_pretrained(config_file: str, path: str, opts: Sequence[str] = (), echo=None,
                       init: str = "") -> str:
     """``path`` if it exists, else pretrain the identity path of the model of ``config_file``
@@ -356,9 +369,10 @@ def ensure_pretrained(config_file: str, path: str, opts: Sequence[str] = (), ech
     from qeeps_d2.engine.trainer import setup_cfg
     from qeeps_d2.utils.atomic_write import write_atomically
 
-    if os.path.isfile(path):
-        return path
     cfg = setup_cfg(config_file, list(opts), resolve_schedule=False)
+    if os.path.isfile(path):
+        _check_pretrained(path, cfg.PRETRAIN.DETECTION)
+        return path
     cfg = _trainable_trunk(cfg)
     torch.manual_seed(cfg.PRETRAIN.SEED)
     model = build_model(cfg)
