@@ -4,6 +4,8 @@
     python tools/ablation.py configs/SynthPS/{oim,qrpn,qsimnet,qrpn_qsimnet,qeeps}.yaml \\
         --gallery-sizes 50 100 --out output/synthps/table1.md
 
+With `--opts TEST.PERSON_SEARCH.USE_GT_BOXES True` the same models are scored with the annotated
+gallery boxes (re-identification alone; rows labelled "GT boxes", evaluated in their own folder).
 Each config is trained unless its OUTPUT_DIR holds model_final.pth (an interrupted run resumes),
 evaluated once on the largest gallery size, and scored on every size from that one results file
 (see qeeps_d2/engine/experiments.py).

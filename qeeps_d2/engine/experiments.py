@@ -43,6 +43,13 @@ def _train_net(args: Sequence[str], log_path: str, echo: Optional[Callable[[str]
     return time.perf_counter() - start
 
 
+def eval_dir_name(gallery_size: int, cascade_topk: int = 0, gt_boxes: bool = False) -> str:
+    """Folder (under the config's OUTPUT_DIR) of one evaluation: each kind gets its own, so an
+    evaluation with ground-truth boxes never reuses one with the model's detections."""
+    return (f"eval_G{gallery_size}" + (f"_cascade{cascade_topk}" if cascade_topk else "")
+            + ("_gtboxes" if gt_boxes else ""))
+
+
 def run_config(config: str, gallery_sizes: Sequence[int], opts: Sequence[str] = (),
                echo: Optional[Callable[[str], None]] = print) -> Dict:
     """Train (if needed) and evaluate one config; returns its table row (see module docstring).
@@ -77,8 +84,11 @@ def run_config(config: str, gallery_sizes: Sequence[int], opts: Sequence[str] = 
     from qeeps_d2.data.build import uses_pairs
 
     cascade = cfg.TEST.PERSON_SEARCH.CASCADE_TOPK if uses_pairs(cfg) else 0
-    eval_dir = os.path.join(out, f"eval_G{sizes[-1]}" + (f"_cascade{cascade}" if cascade else ""))
-    metrics_path = os.path.join(eval_dir, "inference", f"{dataset}_metrics.json")
+    gt_boxes = cfg.TEST.PERSON_SEARCH.USE_GT_BOXES
+    eval_dir = os.path.join(out, eval_dir_name(sizes[-1], cascade, gt_boxes))
+    # the evaluator's file names and metrics key (qeeps_d2/evaluation/evaluator.py)
+    suffix = "_gtboxes" if gt_boxes else ""
+    metrics_path = os.path.join(eval_dir, "inference", f"{dataset}{suffix}_metrics.json")
     if not os.path.exists(metrics_path):
         timing["eval_s"] = _train_net(
             ["--config-file", config, "--eval-only", *opts, "MODEL.WEIGHTS", weights,
@@ -87,8 +97,8 @@ def run_config(config: str, gallery_sizes: Sequence[int], opts: Sequence[str] = 
     with open(timing_path, "w") as f:
         json.dump(timing, f)
     with open(metrics_path) as f:
-        metrics = json.load(f)["person_search"]
-    results_path = os.path.join(eval_dir, "inference", f"{dataset}_results.json.gz")
+        metrics = json.load(f)["person_search" + ("_gt_boxes" if gt_boxes else "")]
+    results_path = os.path.join(eval_dir, "inference", f"{dataset}{suffix}_results.json.gz")
     detections = read_results(results_path).detections_by_query()
     largest = load_protocol(dataset, sizes[-1])
     with open(os.path.join(out, "config.yaml")) as f:
@@ -96,7 +106,8 @@ def run_config(config: str, gallery_sizes: Sequence[int], opts: Sequence[str] = 
     row = {"config": os.path.relpath(config, REPO), "output_dir": out,
            "iters": int(iters.group(1)) if iters else cfg.SOLVER.MAX_ITER, **timing,
            "recall": metrics.get("proposal_recall"), "plain_recall": metrics.get("plain_proposal_recall"),
-           "num_queries": len(detections), "results": results_path, "cascade_topk": cascade}
+           "num_queries": len(detections), "results": results_path, "cascade_topk": cascade,
+           "gt_boxes": gt_boxes}
     for size in sizes:
         protocol = load_protocol(dataset, size)
         for i in detections:
@@ -121,6 +132,8 @@ def format_table(rows: List[Dict], gallery_sizes: Sequence[int]) -> str:
         if r["plain_recall"] is not None and r["plain_recall"] != r["recall"]:
             recall += f" (RPN alone {r['plain_recall']:.1f})"
         label = r["config"] + (f" (cascade, K={r['cascade_topk']})" if r.get("cascade_topk") else "")
+        if r.get("gt_boxes"):
+            label += ", GT boxes"
         cells = [label] + [f"{r[f'{m}@{s}']:.1f}" for s in sizes for m in ("mAP", "top1")]
         cells += [recall, str(r["iters"])]
         cells += [f"{r[k] / 60:.1f}" if k in r else "-" for k in ("train_s", "eval_s")]
