@@ -13,12 +13,14 @@ from detectron2.evaluation import inference_on_dataset
 
 from qeeps_d2.evaluation.cascade import (
     FIRST_STAGE_OFFSET,
+    LOW_RESCORED_OFFSET,
     best_similarity,
     cascade_cost,
     cascade_rows,
     exhaustive_cost,
     merge_cascade_rows,
     protocol_costs,
+    rescored_floor,
     shortlist,
     shortlist_images,
 )
@@ -57,13 +59,32 @@ def test_shortlist_orders_by_best_similarity_ties_in_gallery_order():
 def test_merge_ranks_rescored_rows_above_first_stage_rows():
     first = {"a": _rows(0.99, -1.0), "b": _rows(1.0), "c": _rows(0.5)}
     second = {"a": _rows(0.0)}  # b is shortlisted but had no detection in pair mode
-    merged = merge_cascade_rows(["a", "b", "c", "d"], first, second, ["a", "b"])
+    merged = merge_cascade_rows(["a", "b", "c", "d"], first, second, ["a", "b"], 0.5)
     assert sorted(merged) == ["a", "c"]
     np.testing.assert_array_equal(merged["a"], _rows(0.0))
     np.testing.assert_array_equal(merged["c"], _rows(0.5 - FIRST_STAGE_OFFSET))
     np.testing.assert_array_equal(first["c"], _rows(0.5))  # inputs untouched
     # the lowest possible pair similarity (cosine -1) beats the best first-stage one (cosine 1)
     assert -1.0 > 1.0 - FIRST_STAGE_OFFSET
+
+
+def test_merge_ranks_rescored_rows_below_the_floor_under_the_first_stage_rows():
+    """Shortlisted a: the query person 0.9 and a bystander 0.2; shortlisted b: best 0.6 (the
+    floor) and 0.6 again; a low-score row 0.95 (not kept by the protocol) does not set the
+    floor. The bystander (0.2 < 0.6) ranks below c's first-stage match, the rows at the floor
+    stay above it."""
+    first = {"c": _rows(0.5)}
+    second = {"a": np.r_[_rows(0.9, 0.2), _rows(0.95, score=0.3)], "b": _rows(0.6, 0.6)}
+    merged = merge_cascade_rows(["a", "b", "c"], first, second, ["a", "b"], 0.5)
+    assert merged["a"][:, 5].tolist() == pytest.approx(
+        [0.9, 0.2 - LOW_RESCORED_OFFSET, 0.95])
+    assert merged["b"][:, 5].tolist() == [0.6, 0.6]
+    order = sorted(((s, n) for n, rows in merged.items() for s in rows[:, 5]), reverse=True)
+    assert [n for _, n in order] == ["a", "a", "b", "b", "c", "a"]
+    # the highest demoted pair similarity (1 - 6) is below the lowest first-stage one (-1 - 3)
+    assert 1.0 - LOW_RESCORED_OFFSET < -1.0 - FIRST_STAGE_OFFSET
+    np.testing.assert_array_equal(second["a"][:, 5], [0.9, 0.2, 0.95])  # inputs untouched
+    assert rescored_floor([-np.inf, 0.3, 0.7]) == 0.3 and rescored_floor([-np.inf]) == np.inf
 
 
 def test_cascade_rows_from_first_stage_and_exhaustive_rows():
@@ -132,10 +153,11 @@ def test_cascade_hand_computed(toy_dataset, tmp_path, caplog):
     assert [(x["query_index"], x["image_id"]) for x in model.seen if "query_file_name" in x] == [
         (0, "a.jpg"), (1, "b.jpg")]
     ps = results["person_search"]
-    # q0: a (pairs) 0.95 neg, 0.9 TP; b (first stage) -2.2, -2.4 -> AP 1/2, top-1 miss.
+    # q0: a (pairs) 0.95 neg = the floor (one image re-scored), 0.9 TP below it -> 0.9 - 6;
+    # b (first stage) -2.2, -2.4 -> the TP is 4th: AP 1/4, top-1 miss.
     # q1: b (pairs) 0.7 neg (its 0.4-score target is dropped); c (first stage) 0.8 - 3 TP ->
     # AP 1/2 * recall 1/2.
-    assert ps["mAP"] == pytest.approx(100 * (0.5 + 0.25) / 2)
+    assert ps["mAP"] == pytest.approx(100 * (0.25 + 0.25) / 2)
     assert (ps["top1"], ps["top5"]) == (0.0, 100.0)
     assert (ps["cascade_topk"], ps["num_pairs"]) == (1, 2)
     assert ps["first_stage_mAP"] == pytest.approx(100 * (1 + 5 / 6) / 2)  # test_evaluator's
@@ -149,7 +171,7 @@ def test_cascade_hand_computed(toy_dataset, tmp_path, caplog):
     q0 = written.queries[0]
     np.testing.assert_allclose(q0.gallery["b.jpg"],
                                [B_TARGET + [0.95, 0.6 - 3], BIG + [0.7, 0.8 - 3]], rtol=1e-6)
-    np.testing.assert_allclose(q0.gallery["a.jpg"][:, 5], [0.9, 0.95], rtol=1e-6)
+    np.testing.assert_allclose(q0.gallery["a.jpg"][:, 5], [0.9 - 6, 0.95], rtol=1e-6)
     np.testing.assert_allclose(written.queries[1].gallery["c.jpg"], [C_TARGET + [0.6, 0.8 - 3]],
                                rtol=1e-6)
     with open(tmp_path / f"{DATASET}_metrics.json") as f:
@@ -254,9 +276,15 @@ def test_trainer_test_cascade_on_the_cuhk_fixture(tmp_path, monkeypatch, caplog)
     assert "cascade top-1: 2 pairs re-scored" in caplog.text
     first = one_doc["gallery_detections"]
     for q, q_full in zip(one_doc["queries"], full_doc["queries"]):
-        rescored = [n for n, rows in q["gallery"].items() if rows[0][5] >= -1]
+        rescored = [n for n, rows in q["gallery"].items() if any(r[5] >= -1 for r in rows)]
         assert len(rescored) == 1 and len(q["gallery"]) == 5
-        assert q["gallery"][rescored[0]] == q_full["gallery"][rescored[0]]
+        # the pair rows; with one image re-scored its best row is the floor, the others below it
+        # are shifted under the first-stage rows
+        got, pair_rows = q["gallery"][rescored[0]], q_full["gallery"][rescored[0]]
+        assert [r[:5] for r in got] == [r[:5] for r in pair_rows] and len(got) > 1
+        floor = max(r[5] for r in pair_rows)  # det_thresh 0: every row is kept
+        assert [r[5] for r in got] == pytest.approx(
+            [r[5] if r[5] >= floor else r[5] - LOW_RESCORED_OFFSET for r in pair_rows])
         for n, rows in q["gallery"].items():
             if n != rescored[0]:  # first-stage boxes and scores, similarity in [-4, -2]
                 assert [r[:5] for r in rows] == first[n]
@@ -311,13 +339,20 @@ def test_search_cascade_reranks_the_best_first_stage_frames(searchers):
     for m in stage1:
         best.setdefault(m.frame, m.similarity)  # stage1 is similarity-descending
     top2 = sorted(best, key=lambda f: (-best[f], f))[:2]
-    expected = [m for m in exhaustive if m.frame in top2] + [
-        dataclasses.replace(m, similarity=m.similarity - FIRST_STAGE_OFFSET)
-        for m in stage1 if m.frame not in top2]
+    # and re-scored matches below the floor (the weaker frame's best) under the shifted ones
+    floor = min(max(m.similarity for m in exhaustive if m.frame == f) for f in top2)
+    pair = [m if m.similarity >= floor
+            else dataclasses.replace(m, similarity=m.similarity - LOW_RESCORED_OFFSET)
+            for m in exhaustive if m.frame in top2]
+    shifted = [dataclasses.replace(m, similarity=m.similarity - FIRST_STAGE_OFFSET)
+               for m in stage1 if m.frame not in top2]
+    expected = sorted(pair + shifted, key=lambda m: -m.similarity)
+    assert any(m.similarity < -5 for m in pair)  # the case is exercised
     cascaded = _search(guided, cascade_topk=2)
     assert _key(cascaded) == _key(expected)
-    rescored = sum(m.frame in top2 for m in exhaustive)
+    rescored = sum(m.similarity >= floor for m in pair)
     assert min(m.similarity for m in cascaded[:rescored]) >= -1 > cascaded[rescored].similarity
+    assert cascaded[-1].similarity < -5 and cascaded[-1].frame in top2
     # streaming with a small topk keeps the same best matches (batches of 4 frames)
     n = rescored + 3  # every re-scored match and 3 first-stage ones
     short = _search(guided, cascade_topk=2, topk=n, batch_size=4)

@@ -13,9 +13,17 @@ Merged rows of a query (:func:`merge_cascade_rows`): a shortlisted image gets it
 every other image keeps its first-stage rows with the similarity shifted by
 ``-FIRST_STAGE_OFFSET`` (3). Second-stage similarities lie in [-1, 1] (cosine without QSimNet, a
 probability in [0, 1] with it) and first-stage ones are cosines in [-1, 1], so a shifted
-first-stage similarity lies in [-4, -2]: every re-scored detection ranks above every
-first-stage-only one, and the first-stage order among the latter is kept. A similarity below -1
-in a cascade results file therefore marks a first-stage score.
+first-stage similarity lies in [-4, -2], below the re-scored detections, and the first-stage
+order among them is kept. Not every re-scored detection belongs above them, though: the pair
+stage re-scores everyone in a shortlisted image, and a bystander it scores low would, ranked
+above all first-stage rows, push down a real match of an image outside the shortlist (measured
+on SynthPS: cascade mAP 1-4 points below the same network's first stage even when the pair
+stage changed nothing). So only the re-scored detections that score at least the *floor* (the
+lowest best similarity among the shortlisted images, :func:`rescored_floor`) rank above the
+first-stage rows; the others are shifted by ``-LOW_RESCORED_OFFSET`` (6), to [-7, -5], below
+them (when every image is re-scored nothing is shifted: the rows are the exhaustive pair
+search's). The best detection of every shortlisted image stays above the floor. A similarity below -1
+in a cascade results file therefore marks a first-stage score or a demoted pair-mode one.
 
 Cost (:class:`EvaluationCost`): exhaustive = sum over queries of their distinct gallery images
 pair forwards; cascade = each distinct gallery image and query box once (query-agnostic
@@ -31,6 +39,8 @@ import numpy as np
 __all__ = [
     "CASCADE_MODE",
     "FIRST_STAGE_OFFSET",
+    "LOW_RESCORED_OFFSET",
+    "rescored_floor",
     "best_similarity",
     "shortlist_images",
     "shortlist",
@@ -46,6 +56,9 @@ CASCADE_MODE = "cascade"
 # First-stage similarities of images that are not re-scored are shifted down by this much (see
 # the module docstring): cosines in [-1, 1] land in [-4, -2], below any pair-mode similarity.
 FIRST_STAGE_OFFSET = 3.0
+# Re-scored detections below the floor (rescored_floor) are shifted down by this much: [-7, -5],
+# below every shifted first-stage similarity.
+LOW_RESCORED_OFFSET = 6.0
 
 
 def best_similarity(rows: Optional[np.ndarray], det_thresh: float) -> float:
@@ -99,11 +112,20 @@ def shortlist(
     }
 
 
+def rescored_floor(best_similarities) -> float:
+    """The floor of a query's re-scored detections: the lowest of the shortlisted images' best
+    similarities (``-inf`` entries, images without a kept detection, ignored); ``inf`` when
+    there is none."""
+    finite = [b for b in best_similarities if b != -np.inf]
+    return min(finite) if finite else np.inf
+
+
 def merge_cascade_rows(
     images: Sequence[str],
     first_stage: Mapping[str, np.ndarray],
     second_stage: Mapping[str, np.ndarray],
     shortlisted: Sequence[str],
+    det_thresh: float,
 ) -> Dict[str, np.ndarray]:
     """One query's cascade rows (see the module docstring).
 
@@ -113,19 +135,27 @@ def merge_cascade_rows(
         second_stage: image -> pair-mode rows (N, 6) of the shortlisted images (missing: no
             detection).
         shortlisted: the re-scored images.
+        det_thresh: detections below this score are not kept by the protocol; they do not set
+            the floor.
 
     Returns:
-        image -> (N, 6) float64 rows: pair-mode rows for shortlisted images, first-stage rows
-        with similarity - ``FIRST_STAGE_OFFSET`` for the others; images without rows are left
-        out.
+        image -> (N, 6) float64 rows: pair-mode rows for shortlisted images (similarity -
+        ``LOW_RESCORED_OFFSET`` below the floor), first-stage rows with similarity -
+        ``FIRST_STAGE_OFFSET`` for the others; images without rows are left out.
     """
     rescored = set(shortlisted)
+    pair = {n: np.array(second_stage[n], dtype=np.float64).reshape(-1, 6)
+            for n in dict.fromkeys(shortlisted) if second_stage.get(n) is not None}
+    floor = rescored_floor(best_similarity(rows, det_thresh) for rows in pair.values())
+    if not any(n not in rescored and n in first_stage for n in images):
+        floor = -np.inf  # every image re-scored: the exhaustive pair search's rows, unchanged
     merged = {}
     for name in dict.fromkeys(images):
         if name in rescored:
-            rows = second_stage.get(name)
-            if rows is not None:
-                merged[name] = np.asarray(rows, dtype=np.float64).reshape(-1, 6)
+            if name in pair:
+                rows = pair[name].copy()
+                rows[rows[:, 5] < floor, 5] -= LOW_RESCORED_OFFSET
+                merged[name] = rows
         elif name in first_stage:
             rows = np.array(first_stage[name], dtype=np.float64).reshape(-1, 6)
             rows[:, 5] -= FIRST_STAGE_OFFSET
@@ -154,7 +184,8 @@ def cascade_rows(
     """
     lists = shortlist(galleries, first_stage, k, det_thresh)
     merged = {
-        i: merge_cascade_rows(images, first_stage.get(i, {}), pair_rows.get(i, {}), lists[i])
+        i: merge_cascade_rows(images, first_stage.get(i, {}), pair_rows.get(i, {}), lists[i],
+                              det_thresh)
         for i, images in galleries.items()
     }
     return merged, lists

@@ -336,7 +336,8 @@ class PersonSearchEvaluator(DatasetEvaluator):
             missing += [(i, n) for n in shortlisted if (i, n) not in self._pairs]
             second = {n: self._pairs[(i, n)] for n in shortlisted if (i, n) in self._pairs}
             gallery = cascade.merge_cascade_rows(
-                self._protocol.gallery(i).images, first["rows"].get(i, {}), second, shortlisted
+                self._protocol.gallery(i).images, first["rows"].get(i, {}), second, shortlisted,
+                self._det_thresh,
             )
             results.append(QueryResult(i, self._protocol.queries[i].image, gallery))
         self._warn_missing(

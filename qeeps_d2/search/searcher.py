@@ -11,8 +11,9 @@ Search modes, chosen by the config (``qeeps_d2.data.build.uses_pairs``) and ``se
   with the best detection similarity (ties: earlier frame; only those K frames are held in
   memory), then re-scores those K frames as pairs. As in cascade evaluation
   (:mod:`qeeps_d2.evaluation.cascade`), matches of the other frames keep their first-stage
-  similarity minus ``FIRST_STAGE_OFFSET`` (3), so they rank below every re-scored match and a
-  similarity below -1 marks a first-stage match.
+  similarity minus ``FIRST_STAGE_OFFSET`` (3), so they rank below the re-scored matches, except
+  re-scored ones below the floor (the lowest best similarity of the shortlisted frames), shifted
+  by ``-LOW_RESCORED_OFFSET`` (6) below them; a similarity below -1 marks either.
 
 Model inputs are built by :class:`~qeeps_d2.data.PersonSearchMapper` (same resizing as in
 evaluation), fed with in-memory images instead of files. Of each ``batch_size`` frames, only
@@ -45,7 +46,7 @@ from ..data.build import uses_pairs
 from ..data.mapper import PersonSearchMapper
 from ..data.size_batching import group_by_shape
 from ..engine.trainer import setup_cfg
-from ..evaluation.cascade import FIRST_STAGE_OFFSET
+from ..evaluation.cascade import FIRST_STAGE_OFFSET, LOW_RESCORED_OFFSET, rescored_floor
 from .gallery import GalleryFrame, read_image_bgr
 
 __all__ = ["Match", "PersonSearcher", "resolve_device"]
@@ -317,16 +318,25 @@ class PersonSearcher:
             return matches
         # stage 2: the shortlisted frames as pairs, ranked above every first-stage match
         shortlisted = shortlist.frames()
+        rescored: List[List[Match]] = []
         with torch.no_grad(), tqdm(total=len(shortlisted), unit="frame", desc="re-score",
                                    disable=not progress) as bar:
             for start in range(0, len(shortlisted), batch_size):
                 batch = shortlisted[start : start + batch_size]
                 outputs = self._run_pairs(batch, query_name, box, query_images)
                 for frame, out in zip(batch, outputs):
-                    matches.extend(self._matches(frame, out["instances"], None, keep_frames))
+                    rescored.append(self._matches(frame, out["instances"], None, keep_frames))
                 bar.update(len(batch))
-        matches.sort(key=lambda m: -m.similarity)  # stable: ties keep gallery order
-        return (matches + shortlist.others)[:topk]
+        # re-scored matches below the floor rank below the first-stage ones (see the cascade's
+        # merge in qeeps_d2/evaluation/cascade.py)
+        floor = rescored_floor(max((m.similarity for m in found), default=-math.inf)
+                               for found in rescored) if shortlist.others else -math.inf
+        matches = [m if m.similarity >= floor
+                   else dataclasses.replace(m, similarity=m.similarity - LOW_RESCORED_OFFSET)
+                   for found in rescored for m in found]
+        # stable: ties keep gallery order
+        matches = sorted(matches + shortlist.others, key=lambda m: -m.similarity)
+        return matches[:topk]
 
     def _frame_images(self, frame: GalleryFrame) -> Dict[str, np.ndarray]:
         image = _check_bgr(frame.image, f"gallery frame {frame.name}")
