@@ -84,10 +84,12 @@ def run_config(config: str, gallery_sizes: Sequence[int], opts: Sequence[str] = 
     from qeeps_d2.data.build import uses_pairs
 
     cascade = cfg.TEST.PERSON_SEARCH.CASCADE_TOPK if uses_pairs(cfg) else 0
+    from qeeps_d2.evaluation.evaluator import GT_BOXES_SUFFIX, GT_BOXES_TASK
+
     gt_boxes = cfg.TEST.PERSON_SEARCH.USE_GT_BOXES
     eval_dir = os.path.join(out, eval_dir_name(sizes[-1], cascade, gt_boxes))
-    # the evaluator's file names and metrics key (qeeps_d2/evaluation/evaluator.py)
-    suffix = "_gtboxes" if gt_boxes else ""
+    # the evaluator's file names and metrics key
+    suffix = GT_BOXES_SUFFIX if gt_boxes else ""
     metrics_path = os.path.join(eval_dir, "inference", f"{dataset}{suffix}_metrics.json")
     if not os.path.exists(metrics_path):
         timing["eval_s"] = _train_net(
@@ -97,7 +99,7 @@ def run_config(config: str, gallery_sizes: Sequence[int], opts: Sequence[str] = 
     with open(timing_path, "w") as f:
         json.dump(timing, f)
     with open(metrics_path) as f:
-        metrics = json.load(f)["person_search" + ("_gt_boxes" if gt_boxes else "")]
+        metrics = json.load(f)[GT_BOXES_TASK if gt_boxes else "person_search"]
     results_path = os.path.join(eval_dir, "inference", f"{dataset}{suffix}_results.json.gz")
     detections = read_results(results_path).detections_by_query()
     largest = load_protocol(dataset, sizes[-1])

@@ -162,19 +162,21 @@ class QEEPSROIHeads(Res5ROIHeads):
         )
         return ret
 
+    def _pooled_res5(self, res5: nn.Module, features: Dict[str, torch.Tensor],
+                     boxes: List[Boxes]) -> torch.Tensor:
+        """(sum of boxes, C5): ``res5`` on the ROI-pooled boxes, averaged over space."""
+        return res5(self.pooler([features[f] for f in self.in_features], boxes)).mean(dim=(2, 3))
+
     def box_features(self, features: Dict[str, torch.Tensor], boxes: List[Boxes]) -> torch.Tensor:
-        """(sum of boxes, C5): res5 on the pooled boxes, averaged over space (the identity path)."""
-        x = self._shared_roi_transform([features[f] for f in self.in_features], boxes)
-        return x.mean(dim=(2, 3))
+        """(sum of boxes, C5): the identity path's features (``res5``)."""
+        return self._pooled_res5(self.res5, features, boxes)
 
     def det_box_features(self, features: Dict[str, torch.Tensor], boxes: List[Boxes]
                          ) -> torch.Tensor:
         """(sum of boxes, C5): the features ClsNet and RegNet see; those of :meth:`box_features`
         unless the detection head has its own res5 (MODEL.QEEPS.DET_HEAD "separate")."""
-        if self.det_res5 is None:
-            return self.box_features(features, boxes)
-        x = self.pooler([features[f] for f in self.in_features], boxes)
-        return self.det_res5(x).mean(dim=(2, 3))
+        return self._pooled_res5(self.det_res5 if self.separate_det_head else self.res5,
+                                 features, boxes)
 
     @property
     def separate_det_head(self) -> bool:
@@ -236,8 +238,8 @@ class QEEPSROIHeads(Res5ROIHeads):
         if sum(num):
             feats = self.det_box_features(features, boxes)
             probs = self.box_predictor.predict_probs(self.box_predictor(feats), proposals)
-            embeds = (self.embed(self.box_features(features, boxes)) if self.separate_det_head
-                      else self.embed(feats)).split(num)
+            embeds = (self._embed_per_image(features, boxes) if self.separate_det_head
+                      else self.embed(feats).split(num))
         else:  # no box at all: nothing to pool
             device = next(iter(features.values())).device
             probs = [torch.zeros(0, self.num_classes + 1, device=device)] * len(num)
