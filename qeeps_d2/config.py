@@ -14,6 +14,21 @@ def add_qeeps_config(cfg):
     # weights), while the identity res5 embeds the final regressed boxes (SeqNet-style), so the
     # two tasks do not fight over one head.
     _C.MODEL.QEEPS.DET_HEAD = "shared"
+    # Where the identity path (DET_HEAD "separate" only) pools its boxes.
+    _C.MODEL.QEEPS.ID_POOLER = CN()
+    # "" = where the detector pools (ROI_HEADS.IN_FEATURES, res4: the paper's path). A stage
+    # before it (e.g. "res2", which MODEL.RESNETS.OUT_FEATURES must then list) = each box is
+    # ROI-pooled there at RESOLUTION and the later backbone stages (with the QSSE weights of
+    # its pair) run on it before res5: every person reaches res3..res5 at one scale, as a crop
+    # resized to RESOLUTION x the stage's stride would (SynthPS: 48 x 96 crops, res2 at 24 x 12).
+    _C.MODEL.QEEPS.ID_POOLER.IN_FEATURE = ""
+    # (height, width) of the pooled boxes.
+    _C.MODEL.QEEPS.ID_POOLER.RESOLUTION = (24, 12)
+    # The identity path runs its own copies of the later stages (roi_heads.id_trunk, started
+    # from the backbone's when a checkpoint has none): the backbone's then serve only the RPN
+    # and the detection head and learn at the heads' rate (SOLVER.TRUNK_LR_FACTOR spares them),
+    # so detection and re-id stop fighting over res3..res4 as they did over res5 (DET_HEAD).
+    _C.MODEL.QEEPS.ID_POOLER.OWN_STAGES = False
     # Per-term loss weights: lambda_1..7 of the paper's Eq. 3 (all 1 in the paper), named after
     # the terms of the loss dict.
     _C.MODEL.QEEPS.LOSS_WEIGHTS = CN()

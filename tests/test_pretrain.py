@@ -73,13 +73,31 @@ def test_pretraining_set_must_not_be_the_evaluation_seed(datasets):
 
 
 def test_pretraining_trains_the_whole_trunk_even_where_the_target_freezes_it(datasets):
-    """The SynthPS configs freeze stem + res2 and use FrozenBN for the pretrained trunk; the
-    pretraining itself (from scratch) must train all of it, with BatchNorm statistics."""
-    cfg = setup_cfg(CONFIG, TINY, resolve_schedule=False)
-    assert cfg.MODEL.BACKBONE.FREEZE_AT == 2 and cfg.MODEL.RESNETS.NORM == "FrozenBN"
+    """The SynthPS configs freeze stem + res2 (and a target may use FrozenBN); the pretraining
+    itself (from scratch) must train all of it, with BatchNorm statistics."""
+    cfg = setup_cfg(CONFIG, TINY + ["MODEL.RESNETS.NORM", "FrozenBN"], resolve_schedule=False)
+    assert cfg.MODEL.BACKBONE.FREEZE_AT == 2
     model = build_model(_trainable_trunk(cfg))
     stem = model.backbone.stem.conv1
     assert stem.weight.requires_grad and isinstance(stem.norm, torch.nn.BatchNorm2d)
+
+
+def test_crop_stage_trains_the_identity_stages_and_starts_the_detectors_from_them(datasets):
+    """MODEL.QEEPS.ID_POOLER.OWN_STAGES (the SynthPS configs): the crops run through the
+    identity path's own res3/res4, and the backbone's (the detector's) then start as copies of
+    them, as the one shared trunk would."""
+    cfg = setup_cfg(CONFIG, TINY + ["PRETRAIN.CROP_ITERS", "2", "PRETRAIN.ROI_ITERS", "0",
+                                    "PRETRAIN.DETECTION", "False"], resolve_schedule=False)
+    assert cfg.MODEL.QEEPS.ID_POOLER.OWN_STAGES
+    torch.manual_seed(0)
+    model = build_model(_trainable_trunk(cfg))
+    before = {k: v.clone() for k, v in model.roi_heads.id_trunk.state_dict().items()}
+    pretrain_identity(model, cfg.PRETRAIN)
+    copies = model.roi_heads.id_trunk.state_dict()
+    assert any(not torch.equal(before[k], v) for k, v in copies.items())
+    backbone = model.backbone.state_dict()
+    for key, value in copies.items():
+        assert torch.equal(backbone[key], value), key
 
 
 def test_detection_pretraining_trains_and_saves_the_detector(datasets):

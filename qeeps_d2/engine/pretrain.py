@@ -123,10 +123,24 @@ def _crop_batch(images, samples, rng, size):
 
 
 def _crop_embed(model, x: torch.Tensor) -> torch.Tensor:
-    """Crops (N, 3, h, w) -> (N, D) embeddings: backbone, res5, mean, re-id head."""
-    feats = model.backbone(_normalize(model, x))
-    res4 = feats[model.roi_heads.in_features[0]]
-    return model.roi_heads.reid_head(model.roi_heads.res5(res4).mean(dim=(2, 3)))
+    """Crops (N, 3, h, w) -> (N, D) embeddings: backbone, res5, mean, re-id head; with
+    MODEL.QEEPS.ID_POOLER, the backbone up to its stage, then the identity path's own."""
+    heads = model.roi_heads
+    x = _normalize(model, x)
+    if heads.id_pooler is not None:
+        feats = heads.identity_features(model.backbone.forward_to(x, heads.id_in_feature))
+    else:
+        feats = heads.res5(model.backbone(x)[heads.in_features[0]]).mean(dim=(2, 3))
+    return heads.reid_head(feats)
+
+
+def _share_identity_stages(model) -> None:
+    """With MODEL.QEEPS.ID_POOLER.OWN_STAGES, start the backbone's stages (the detector's) from
+    the identity path's copies that the crop stage trained, as the shared stages would be."""
+    id_trunk = model.roi_heads.id_trunk
+    if id_trunk is not None:
+        for name, stage in id_trunk.items():
+            getattr(model.backbone, name).load_state_dict(stage.state_dict(), strict=False)
 
 
 def _background_boxes(rng, persons: np.ndarray, w: int, h: int, count: int) -> np.ndarray:
@@ -235,6 +249,8 @@ def _optimizer(params, p, iters: int):
 
 def _identity_params(model) -> List[nn.Parameter]:
     mods = [model.backbone, model.roi_heads.res5, model.roi_heads.reid_head]
+    if model.roi_heads.id_trunk is not None:
+        mods.append(model.roi_heads.id_trunk)
     return [p for m in mods for p in m.parameters() if p.requires_grad]
 
 
@@ -319,6 +335,7 @@ def pretrain_identity(model, p, log_every: int = 50, echo=None) -> Dict[str, flo
 
     params = _identity_params(model) + list(classifier.parameters())
     run_stage("crop", p.CROP_ITERS, params, crop_loss)
+    _share_identity_stages(model)
     scene_params = params + list(person_head.parameters())
     if p.DETECTION:
         scene_params += _detector_params(model)
@@ -341,7 +358,7 @@ def _trainable_trunk(cfg):
     return cfg
 
 
-PRETRAINED_KEYS = ("backbone.", "roi_heads.res5.", "roi_heads.reid_head.")
+PRETRAINED_KEYS = ("backbone.", "roi_heads.res5.", "roi_heads.reid_head.", "roi_heads.id_trunk.")
 # with PRETRAIN.DETECTION, the detector trained in stage 2 too
 DETECTOR_KEYS = ("proposal_generator.", "roi_heads.det_res5.", "roi_heads.box_predictor.")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from typing import List, Sequence
 
 import torch
 
@@ -38,13 +39,23 @@ logger = logging.getLogger(__name__)
 _QUERY_GUIDANCE = re.compile(r"(^|\.)qsse\.|^proposal_generator\.query_|^roi_heads\.qsimnet\.")
 
 
-def is_trunk_parameter(name: str) -> bool:
-    """True for a parameter of the ResNet trunk: the backbone (stem, res2..res4) and the res5
-    head of the identity path (the weights an ImageNet or identity-pretrained checkpoint
-    provides), not the QSSE excitations that live inside its blocks (new layers), nor the
-    detection head's own res5 (MODEL.QEEPS.DET_HEAD "separate"), which learns at the heads' rate."""
-    return (name.startswith(("backbone.", "roi_heads.res5."))
+def is_trunk_parameter(name: str, detection_only: Sequence[str] = ()) -> bool:
+    """True for a parameter of the ResNet trunk: the backbone (stem, res2..res4), the identity
+    path's own stages (MODEL.QEEPS.ID_POOLER.OWN_STAGES) and its res5 head (the weights an
+    ImageNet or identity-pretrained checkpoint provides), not the QSSE excitations that live
+    inside its blocks (new layers), nor what serves detection only, which learns at the heads'
+    rate: the detection head's own res5 (MODEL.QEEPS.DET_HEAD "separate") and the backbone
+    stages named by the ``detection_only`` prefixes (:func:`detection_only_stages`)."""
+    return (name.startswith(("backbone.", "roi_heads.res5.", "roi_heads.id_trunk."))
+            and not name.startswith(tuple(detection_only))
             and not is_query_guidance_parameter(name))
+
+
+def detection_only_stages(model) -> List[str]:
+    """Parameter-name prefixes of the backbone stages that only the detector uses: those the
+    identity path has its own copies of (``roi_heads.id_trunk``)."""
+    id_trunk = getattr(getattr(model, "roi_heads", None), "id_trunk", None)
+    return [f"backbone.{name}." for name in id_trunk] if id_trunk is not None else []
 
 
 def is_query_guidance_parameter(name: str) -> bool:
@@ -76,6 +87,7 @@ class Trainer(DefaultTrainer):
         if name not in ("SGD", "ADAMW"):
             raise ValueError(f"SOLVER.OPTIMIZER must be SGD or ADAMW, got {cfg.SOLVER.OPTIMIZER!r}")
         factor, trunk = cfg.SOLVER.BASE_MODEL_LR_FACTOR, cfg.SOLVER.TRUNK_LR_FACTOR
+        detection_only = detection_only_stages(model)
         for key, value in (("BASE_MODEL_LR_FACTOR", factor), ("TRUNK_LR_FACTOR", trunk)):
             if value <= 0:
                 raise ValueError(f"SOLVER.{key} must be > 0, got {value}")
@@ -87,7 +99,7 @@ class Trainer(DefaultTrainer):
             weight_decay_bias=cfg.SOLVER.WEIGHT_DECAY_BIAS,
             lr_factor_func=lambda name: (
                 (1.0 if is_query_guidance_parameter(name) else factor)
-                * (trunk if is_trunk_parameter(name) else 1.0)),
+                * (trunk if is_trunk_parameter(name, detection_only) else 1.0)),
         )
         if name == "SGD":
             optimizer = torch.optim.SGD(groups, lr=cfg.SOLVER.BASE_LR,

@@ -35,6 +35,8 @@ from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN
 from detectron2.structures import Boxes, ImageList, Instances
 from detectron2.utils.events import get_event_storage
 
+from .roi_heads import id_trunk_from_backbone
+
 __all__ = ["QEEPS"]
 
 
@@ -46,6 +48,10 @@ class QEEPS(GeneralizedRCNN):
     def __init__(self, *, loss_weights: Dict[str, float], qsse: bool, oim_start_iter: int = 0,
                  oim_warmup_iters: int = 0, **kwargs):
         super().__init__(**kwargs)
+        if hasattr(self.roi_heads, "attach_trunk"):  # the identity path may continue in it
+            self.roi_heads.attach_trunk(self.backbone)
+            if self.roi_heads.id_trunk is not None:
+                self._register_load_state_dict_pre_hook(id_trunk_from_backbone)
         self.loss_weights = dict(loss_weights)
         self.qsse = qsse
         self.oim_start_iter = oim_start_iter

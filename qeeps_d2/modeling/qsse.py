@@ -95,10 +95,17 @@ def _valid_mean(u: torch.Tensor, valid_sizes: Optional[torch.Tensor]) -> torch.T
 class _QSSEMixin:
     """Shared logic of the QSSE blocks: ``num_pairs`` (and ``valid_sizes``, the images' extents
     at this block's output resolution) are set by :class:`QSSEResNet` per forward; 0 pairs
-    means "no pairing" and the block behaves exactly like the stock one."""
+    means "no pairing" and the block behaves exactly like the stock one.
+
+    A paired forward keeps its channel weights in ``gates`` (B, C, 1, 1), one row per pair, until
+    the next forward; with ``row_gates`` (R, C, 1, 1) set (:meth:`QSSEResNet.forward_from`) the
+    block weights the residual of each of R inputs (e.g. boxes pooled from those images) with
+    its own row instead of computing an excitation."""
 
     num_pairs: int = 0
     valid_sizes: Optional[torch.Tensor] = None
+    gates: Optional[torch.Tensor] = None
+    row_gates: Optional[torch.Tensor] = None
 
     def _init_qsse(self, reduction: int, init_gate: float = 0.0):
         self.qsse = QuerySiameseExcitation(self.out_channels, reduction, init_gate)
@@ -107,6 +114,10 @@ class _QSSEMixin:
         raise NotImplementedError
 
     def forward(self, x):
+        if self.row_gates is not None:  # replay the gates of a paired forward, row by row
+            u = self._residual(x)
+            shortcut = x if self.shortcut is None else self.shortcut(x)
+            return F.relu_(shortcut + self.row_gates * u)
         if self.num_pairs == 0:
             return super().forward(x)
         if x.shape[0] != 2 * self.num_pairs:
@@ -116,7 +127,9 @@ class _QSSEMixin:
             )
         u = self._residual(x)
         shortcut = x if self.shortcut is None else self.shortcut(x)
-        return F.relu_(shortcut + self.qsse(u, self.num_pairs, self.valid_sizes) * u)
+        s = self.qsse(u, self.num_pairs, self.valid_sizes)
+        self.gates = s[: self.num_pairs]
+        return F.relu_(shortcut + s * u)
 
     def freeze(self):
         """Freeze the convolutions like the stock block, but keep QSSE trainable."""
@@ -183,6 +196,7 @@ class QSSEResNet(ResNet):
         blocks = list(self._block_strides())
         for b, stride in blocks:
             b.num_pairs = num_pairs
+            b.gates = None  # this forward's, if paired
             b.valid_sizes = None if image_sizes is None else (image_sizes + stride - 1) // stride
         try:
             yield
@@ -206,6 +220,55 @@ class QSSEResNet(ResNet):
             image_sizes = torch.as_tensor(image_sizes, dtype=torch.int64, device=x.device)
         with self._paired(num_pairs, image_sizes):
             return super().forward(x)
+
+
+    def forward_to(self, x: torch.Tensor, stage: str) -> torch.Tensor:
+        """(N, 3, H, W) images -> the output of ``stage`` (single stream; later stages skipped)."""
+        x = self.stem(x)
+        for name, st in zip(self.stage_names, self.stages):
+            x = st(x)
+            if name == stage:
+                return x
+        raise ValueError(f"the backbone has no stage {stage!r}")
+
+    def forward_from(self, x: torch.Tensor, stage: str,
+                     image_index: Optional[torch.Tensor] = None,
+                     stages: Optional[Sequence[nn.Module]] = None) -> torch.Tensor:
+        """Run the stages after ``stage`` on ``x``, e.g. boxes ROI-pooled from that stage's
+        output (the identity path of MODEL.QEEPS.ID_POOLER).
+
+        Args:
+            x: (R, C, h, w) features at the resolution of ``stage``'s output.
+            stage: a stage name ("res2", "res3", ...).
+            image_index: (R,) int64, the image each row comes from. After a paired forward, a
+                QSSE block weights row r's residual with the channel weights of pair
+                ``image_index[r]`` in that forward (the same for its gallery and its query
+                image); after a single-stream forward the blocks are the stock ones.
+            stages: copies of those stages to run instead (same blocks, in order; their QSSE
+                blocks replay the gates of this backbone's), or None for the backbone's own.
+        Returns:
+            (R, C_last, h', w'): the output of the last stage.
+        """
+        start = self.stage_names.index(stage) + 1
+        own = list(self.stages[start:])
+        stages = own if stages is None else list(stages)
+        sources = [b for st in own for b in st if isinstance(b, _QSSEMixin)]
+        targets = [b for st in stages for b in st if isinstance(b, _QSSEMixin)]
+        if len(sources) != len(targets):
+            raise ValueError(f"{len(targets)} QSSE blocks in the given stages, "
+                             f"{len(sources)} in the backbone's")
+        paired = [(src, dst) for src, dst in zip(sources, targets) if src.gates is not None]
+        if paired and image_index is None:
+            raise ValueError("forward_from after a paired forward needs each row's image_index")
+        for src, dst in paired:
+            dst.row_gates = src.gates[image_index]
+        try:
+            for st in stages:
+                x = st(x)
+        finally:
+            for _, dst in paired:
+                dst.row_gates = None
+        return x
 
 
 class FastPoolStem(BasicStem):

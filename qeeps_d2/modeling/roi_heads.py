@@ -10,6 +10,11 @@ Per proposal, res5 on the ROI-pooled res4 features, averaged to a (R, C5) vector
 The query's own embedding comes from the same res5 + ``reid_head`` applied to the query box on
 the query branch's features (:meth:`QEEPSROIHeads.embed_boxes`), normalised with the running
 statistics also in training.
+
+With a separate detection head, the identity path may pool its boxes from an earlier backbone
+stage (MODEL.QEEPS.ID_POOLER, e.g. res2 at 24 x 12) and run the rest of the backbone on each
+pooled box before res5: every person then reaches res3..res5 at one scale, as a resized crop
+would (see the config key).
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ from torch import nn
 from detectron2.config import configurable
 from detectron2.layers import batched_nms
 from detectron2.modeling import ROI_HEADS_REGISTRY
+from detectron2.modeling.poolers import ROIPooler
 from detectron2.modeling.roi_heads import Res5ROIHeads
 from detectron2.structures import Boxes, Instances
 
@@ -117,9 +123,23 @@ class QEEPSROIHeads(Res5ROIHeads):
         trunk_grad_scale: float = 1.0,
         sim_on_people: bool = False,
         separate_det_head: bool = False,
+        id_pooler: Optional[ROIPooler] = None,
+        id_in_feature: str = "",
+        id_own_stages: bool = False,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        if id_pooler is not None and not separate_det_head:
+            raise ValueError("MODEL.QEEPS.ID_POOLER.IN_FEATURE needs MODEL.QEEPS.DET_HEAD "
+                             "'separate': the shared head embeds the detector's own features")
+        # identity boxes pooled from an earlier stage (MODEL.QEEPS.ID_POOLER); the backbone that
+        # continues them is attached by the meta architecture (:meth:`attach_trunk`)
+        self.id_pooler = id_pooler
+        self.id_in_feature = id_in_feature
+        self.id_own_stages = id_own_stages
+        self._trunk: List[nn.Module] = []  # a plain list: not a submodule, no duplicate weights
+        # with MODEL.QEEPS.ID_POOLER.OWN_STAGES: the identity path's copies of those stages
+        self.id_trunk: Optional[nn.ModuleDict] = None
         # ClsNet/RegNet on their own res5 copy (see MODEL.QEEPS.DET_HEAD); ``res5`` keeps the
         # stock name and serves the identity path
         self.det_res5 = copy.deepcopy(self.res5) if separate_det_head else None
@@ -160,7 +180,53 @@ class QEEPSROIHeads(Res5ROIHeads):
             sim_on_people=q.QSIMNET.LOSS_ON_PEOPLE,
             separate_det_head=_det_head_mode(q.DET_HEAD) == "separate",
         )
+        ret.update(_id_pooler_from_config(cfg, input_shape))
         return ret
+
+    def attach_trunk(self, backbone: nn.Module) -> None:
+        """Give the identity path the backbone that continues boxes pooled at ``id_in_feature``
+        (its ``forward_from``) and, with MODEL.QEEPS.ID_POOLER.OWN_STAGES, make ``id_trunk``:
+        copies of the stages after it (same parameter names under ``roi_heads.id_trunk.``;
+        without QSSE weights: their QSSE blocks replay the backbone's gates). A no-op without
+        MODEL.QEEPS.ID_POOLER."""
+        if self.id_pooler is None:
+            return
+        names = list(getattr(backbone, "stage_names", ()))
+        if self.id_in_feature not in names:
+            raise ValueError(f"the backbone has no stage {self.id_in_feature!r} to continue "
+                             "identity boxes from")
+        self._trunk = [backbone]
+        if self.id_own_stages:
+            start = names.index(self.id_in_feature) + 1
+            stages = {n: copy.deepcopy(st) for n, st in zip(names[start:], backbone.stages[start:])}
+            for st in stages.values():
+                for block in st:
+                    if hasattr(block, "qsse"):
+                        block.qsse = None
+            self.id_trunk = nn.ModuleDict(stages)
+
+    @property
+    def _identity_trunk(self) -> List[nn.Module]:
+        """The modules the identity path runs after its pooler: backbone stages (or their
+        copies), then res5."""
+        if self.id_pooler is None:
+            return [self.res5]
+        if self.id_trunk is not None:
+            return list(self.id_trunk.values()) + [self.res5]
+        backbone = self._trunk[0]
+        start = backbone.stage_names.index(self.id_in_feature) + 1
+        return list(backbone.stages[start:]) + [self.res5]
+
+    def identity_features(self, x: torch.Tensor, image_index: Optional[torch.Tensor] = None
+                          ) -> torch.Tensor:
+        """(R, C, h, w) boxes at ``id_in_feature`` (ROI-pooled, or crops run up to that stage)
+        -> (R, C5): the later stages (MODEL.QEEPS.ID_POOLER), res5, mean over space.
+        ``image_index`` (R,): the image of each row, for the QSSE gates of a paired forward."""
+        if not self._trunk:
+            raise RuntimeError("MODEL.QEEPS.ID_POOLER needs the backbone: call attach_trunk()")
+        stages = None if self.id_trunk is None else list(self.id_trunk.values())
+        x = self._trunk[0].forward_from(x, self.id_in_feature, image_index, stages)
+        return self.res5(x).mean(dim=(2, 3))
 
     def _pooled_res5(self, res5: nn.Module, features: Dict[str, torch.Tensor],
                      boxes: List[Boxes]) -> torch.Tensor:
@@ -168,8 +234,15 @@ class QEEPSROIHeads(Res5ROIHeads):
         return res5(self.pooler([features[f] for f in self.in_features], boxes)).mean(dim=(2, 3))
 
     def box_features(self, features: Dict[str, torch.Tensor], boxes: List[Boxes]) -> torch.Tensor:
-        """(sum of boxes, C5): the identity path's features (``res5``)."""
-        return self._pooled_res5(self.res5, features, boxes)
+        """(sum of boxes, C5): the identity path's features: ``res5`` on the boxes pooled as the
+        detector pools them or, with MODEL.QEEPS.ID_POOLER, pooled from ``id_in_feature`` and
+        continued through the later backbone stages first."""
+        if self.id_pooler is None:
+            return self._pooled_res5(self.res5, features, boxes)
+        x = self.id_pooler([features[self.id_in_feature]], boxes)
+        counts = torch.as_tensor([len(b) for b in boxes], device=x.device)
+        image_index = torch.repeat_interleave(torch.arange(len(boxes), device=x.device), counts)
+        return self.identity_features(x, image_index)
 
     def det_box_features(self, features: Dict[str, torch.Tensor], boxes: List[Boxes]
                          ) -> torch.Tensor:
@@ -193,12 +266,15 @@ class QEEPSROIHeads(Res5ROIHeads):
 
     @contextmanager
     def _running_statistics(self):
-        """Within: res5 and the re-id head in eval mode, so their BatchNorms normalise with, and
-        do not update, their running statistics (gradients still reach their weights)."""
-        modules = [m for part in (self.res5, self.reid_head) for m in part.modules()]
+        """Within: the identity path after its pooler (res5, and the backbone stages it runs with
+        MODEL.QEEPS.ID_POOLER) and the re-id head in eval mode, so their BatchNorms normalise
+        with, and do not update, their running statistics (gradients still reach their
+        weights)."""
+        parts = self._identity_trunk + [self.reid_head]
+        modules = [m for part in parts for m in part.modules()]
         modes = [m.training for m in modules]
-        self.res5.train(False)
-        self.reid_head.train(False)
+        for part in parts:
+            part.train(False)
         try:
             yield
         finally:
@@ -386,6 +462,38 @@ def _det_head_mode(mode: str) -> str:
     if mode not in ("shared", "separate"):
         raise ValueError(f"MODEL.QEEPS.DET_HEAD must be 'shared' or 'separate', got {mode!r}")
     return mode
+
+
+def _id_pooler_from_config(cfg, input_shape) -> Dict:
+    """``id_pooler`` / ``id_in_feature`` from MODEL.QEEPS.ID_POOLER (none when IN_FEATURE is
+    empty)."""
+    c = cfg.MODEL.QEEPS.ID_POOLER
+    if not c.IN_FEATURE:
+        return {}
+    if c.IN_FEATURE not in input_shape:
+        raise ValueError(
+            f"MODEL.QEEPS.ID_POOLER.IN_FEATURE {c.IN_FEATURE!r} is not a backbone output: add it "
+            f"to MODEL.RESNETS.OUT_FEATURES (now {list(input_shape)})")
+    pooler = ROIPooler(
+        output_size=tuple(c.RESOLUTION),
+        scales=(1.0 / input_shape[c.IN_FEATURE].stride,),
+        sampling_ratio=cfg.MODEL.ROI_BOX_HEAD.POOLER_SAMPLING_RATIO,
+        pooler_type=cfg.MODEL.ROI_BOX_HEAD.POOLER_TYPE,
+    )
+    return {"id_pooler": pooler, "id_in_feature": c.IN_FEATURE, "id_own_stages": c.OWN_STAGES}
+
+
+def id_trunk_from_backbone(state_dict, prefix, *args) -> None:
+    """Load-state-dict pre-hook of the meta architecture: a checkpoint without
+    ``roi_heads.id_trunk`` weights (any but one trained with MODEL.QEEPS.ID_POOLER.OWN_STAGES)
+    starts the identity path's stages as copies of the backbone's (QSSE weights excluded)."""
+    dst = prefix + "roi_heads.id_trunk."
+    if any(k.startswith(dst) for k in state_dict):
+        return
+    for key in [k for k in state_dict if k.startswith(prefix + "backbone.res")]:
+        rest = key[len(prefix + "backbone."):]
+        if ".qsse." not in rest:
+            state_dict[dst + rest] = state_dict[key].clone()
 
 
 def _det_res5_from_res5(state_dict, prefix, *args) -> None:
