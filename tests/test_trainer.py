@@ -27,6 +27,23 @@ def test_epoch_schedule_off_keeps_max_iter():
     assert (cfg.SOLVER.MAX_ITER, tuple(cfg.SOLVER.STEPS)) == (123, (100,))
 
 
+def test_command_line_max_iter_replaces_the_configs_epochs(caplog):
+    """configs/SynthPS/oim.yaml trains 6 epochs with a step after 5; SOLVER.MAX_ITER on the
+    command line wins, said in the log, with the step scaled (5/6 of 40); both at once: error."""
+    from qeeps_d2.engine.trainer import setup_cfg
+
+    config = f"{model_fixtures.REPO}/configs/SynthPS/oim.yaml"
+    with caplog.at_level("WARNING", logger="qeeps_d2"):
+        cfg = setup_cfg(config, ["SOLVER.MAX_ITER", "40"], resolve_schedule=False)
+    assert (cfg.SOLVER.MAX_ITER, tuple(cfg.SOLVER.STEPS), cfg.SOLVER.EPOCHS) == (40, (33,), 0)
+    assert "SOLVER.MAX_ITER 40 from the command line replaces" in caplog.text
+    cfg = setup_cfg(config, ["SOLVER.MAX_ITER", "40", "SOLVER.STEPS", "(10,)"],
+                    resolve_schedule=False)
+    assert tuple(cfg.SOLVER.STEPS) == (10,)
+    with pytest.raises(ValueError, match="not both"):
+        setup_cfg(config, ["SOLVER.MAX_ITER", "40", "SOLVER.EPOCHS", "2"], resolve_schedule=False)
+
+
 @pytest.mark.parametrize("name,cls", [("SGD", torch.optim.SGD), ("adamw", torch.optim.AdamW)])
 def test_optimizer_choice(name, cls):
     cfg = model_fixtures.tiny_cfg()

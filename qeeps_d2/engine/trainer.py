@@ -220,6 +220,26 @@ def num_train_records(cfg) -> int:
     return len(train_records(cfg))
 
 
+def _command_line_iterations_win(cfg, opts) -> None:
+    """``SOLVER.MAX_ITER`` given on the command line replaces the config's ``SOLVER.EPOCHS``
+    schedule (logged; its EPOCH_STEPS are scaled to the new length unless SOLVER.STEPS is given
+    too); with ``SOLVER.EPOCHS`` given as well it is an error: the two say different things."""
+    keys = opts[0::2]
+    if "SOLVER.MAX_ITER" not in keys or cfg.SOLVER.EPOCHS <= 0:
+        return
+    if "SOLVER.EPOCHS" in keys:
+        raise ValueError("give SOLVER.MAX_ITER or SOLVER.EPOCHS, not both (SOLVER.EPOCHS > 0 "
+                         "sets MAX_ITER from the data set size)")
+    epochs = cfg.SOLVER.EPOCHS
+    if "SOLVER.STEPS" not in keys:
+        cfg.SOLVER.STEPS = tuple(int(round(e / epochs * cfg.SOLVER.MAX_ITER))
+                                 for e in cfg.SOLVER.EPOCH_STEPS)
+    logger.warning("SOLVER.MAX_ITER %d from the command line replaces the config's SOLVER.EPOCHS "
+                   "%s (lr steps at %s)", cfg.SOLVER.MAX_ITER, epochs, list(cfg.SOLVER.STEPS))
+    cfg.SOLVER.EPOCHS = 0
+    cfg.SOLVER.EPOCH_STEPS = ()
+
+
 def setup_cfg(config_file: str, opts=(), args=None, resolve_schedule: bool = True):
     """get_cfg + add_qeeps_config + file + overrides, device fallback, epoch schedule, freeze.
 
@@ -232,6 +252,7 @@ def setup_cfg(config_file: str, opts=(), args=None, resolve_schedule: bool = Tru
     add_qeeps_config(cfg)
     cfg.merge_from_file(config_file)
     cfg.merge_from_list(list(opts))
+    _command_line_iterations_win(cfg, list(opts))
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         logger.warning("MODEL.DEVICE is %s but CUDA is not available: using the CPU", cfg.MODEL.DEVICE)
         cfg.MODEL.DEVICE = "cpu"
