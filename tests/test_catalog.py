@@ -64,6 +64,14 @@ def test_missing_dataset_names_its_root(monkeypatch, tmp_path):
         catalog.load_dataset_dicts("cuhk_sysu_train")
 
 
+def test_missing_test_set_names_its_root_not_a_gallery_size(monkeypatch, tmp_path):
+    """Asking for cuhk_sysu_test without its folder: "not found", not "gallery size 100 is not
+    available; available: [-1]"."""
+    monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="CUHK-SYSU root folder not found: .*CUHK-SYSU"):
+        catalog.load_protocol("cuhk_sysu_test", gallery_size=100)
+
+
 def test_load_protocol(env):
     cuhk = catalog.load_protocol("cuhk_sysu_test")
     assert cuhk.name == "cuhk_sysu_test/G100" and len(cuhk) == 2

@@ -447,7 +447,9 @@ def load_cuhk_sysu(root: str, split: str) -> List[Dict]:
 
 
 def available_gallery_sizes(root: str) -> List[int]:
-    """The official gallery sizes whose TestG file exists under ``root``, plus -1 (whole pool)."""
+    """The official gallery sizes whose TestG file exists under ``root``, plus -1 (whole pool).
+    A missing ``root`` is a FileNotFoundError naming it (not an empty list of sizes)."""
+    _check_root(root)
     return [s for s in GALLERY_SIZES if os.path.isfile(_testg_path(root, s))] + [-1]
 
 
