@@ -142,6 +142,10 @@ def _protocol():
         (_doc(queries=_query_with(image="r.jpg")),
          "query 0 image is 'r.jpg', the protocol's is 'q.jpg'"),
         (_doc(queries=_query_with(gallery={"c.jpg": []})), "image 'c.jpg' is not in its gallery"),
+        # results of another gallery size: the message names the mismatch and the fix
+        (dict(_doc(queries=_query_with(gallery={"c.jpg": []})), protocol="prw_test/G100"),
+         "made for prw_test/G100, scored here with prw_test \\(score them with "
+         "--gallery-size 100\\)"),
     ],
 )
 def test_validate_against_protocol_rejects(tmp_path, doc, message):

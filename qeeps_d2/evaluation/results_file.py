@@ -280,7 +280,14 @@ def validate_against_protocol(results: SearchResults, protocol: SearchProtocol, 
             allowed = set(protocol.gallery(q.index).images)
             stray = [name for name in q.gallery if name not in allowed]
             if stray:
+                made_for = results.extra.get("protocol")
+                hint = ""
+                if isinstance(made_for, str) and made_for != protocol.name:
+                    size = made_for.rpartition("/G")[2]
+                    hint = (f": the results were made for {made_for}, scored here with "
+                            f"{protocol.name}" + (f" (score them with --gallery-size {size})"
+                                                  if size.lstrip("-").isdigit() else ""))
                 raise ValueError(
                     f"{path}: query {q.index}: image {stray[0]!r} is not in its gallery "
-                    f"({protocol.name})"
+                    f"({protocol.name}){hint}"
                 )
