@@ -117,6 +117,10 @@ def test_own_stages_start_from_the_backbone_and_keep_their_own(tmp_path):
     assert copies and {k.split(".")[0] for k in copies} == {"res3", "res4"}
     for key, value in copies.items():
         assert torch.equal(value, plain.state_dict()["backbone." + key]), key
+    # only the copied stages are filled: nothing the model lacks (res2) is added
+    incompatible = _model(seed=3, own_stages=True).load_state_dict(plain.state_dict(),
+                                                                   strict=False)
+    assert not incompatible.unexpected_keys
     with torch.no_grad():
         for p in model.roi_heads.id_trunk.parameters():
             p.add_(1.0)

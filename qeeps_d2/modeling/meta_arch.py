@@ -26,6 +26,7 @@ to a common size: that is the weight sharing, and it lets the QSSE blocks couple
 """
 from __future__ import annotations
 
+import functools
 from typing import Dict, List
 
 import torch
@@ -51,7 +52,8 @@ class QEEPS(GeneralizedRCNN):
         if hasattr(self.roi_heads, "attach_trunk"):  # the identity path may continue in it
             self.roi_heads.attach_trunk(self.backbone)
             if self.roi_heads.id_trunk is not None:
-                self._register_load_state_dict_pre_hook(id_trunk_from_backbone)
+                self._register_load_state_dict_pre_hook(
+                    functools.partial(id_trunk_from_backbone, list(self.roi_heads.id_trunk)))
         self.loss_weights = dict(loss_weights)
         self.qsse = qsse
         self.oim_start_iter = oim_start_iter

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -231,6 +231,13 @@ class QSSEResNet(ResNet):
                 return x
         raise ValueError(f"the backbone has no stage {stage!r}")
 
+    def stages_after(self, stage: str) -> Dict[str, nn.Module]:
+        """The stages after ``stage``, by name, in order (ValueError for an unknown stage)."""
+        if stage not in self.stage_names:
+            raise ValueError(f"the backbone has no stage {stage!r}")
+        start = self.stage_names.index(stage) + 1
+        return dict(zip(self.stage_names[start:], self.stages[start:]))
+
     def forward_from(self, x: torch.Tensor, stage: str,
                      image_index: Optional[torch.Tensor] = None,
                      stages: Optional[Sequence[nn.Module]] = None) -> torch.Tensor:
@@ -249,8 +256,7 @@ class QSSEResNet(ResNet):
         Returns:
             (R, C_last, h', w'): the output of the last stage.
         """
-        start = self.stage_names.index(stage) + 1
-        own = list(self.stages[start:])
+        own = list(self.stages_after(stage).values())
         stages = own if stages is None else list(stages)
         sources = [b for st in own for b in st if isinstance(b, _QSSEMixin)]
         targets = [b for st in stages for b in st if isinstance(b, _QSSEMixin)]

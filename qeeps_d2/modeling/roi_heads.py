@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import copy
 from contextlib import contextmanager
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -191,14 +191,13 @@ class QEEPSROIHeads(Res5ROIHeads):
         MODEL.QEEPS.ID_POOLER."""
         if self.id_pooler is None:
             return
-        names = list(getattr(backbone, "stage_names", ()))
-        if self.id_in_feature not in names:
-            raise ValueError(f"the backbone has no stage {self.id_in_feature!r} to continue "
-                             "identity boxes from")
+        if not hasattr(backbone, "stages_after"):
+            raise ValueError("MODEL.QEEPS.ID_POOLER needs the QEEPS backbone "
+                             "(MODEL.BACKBONE.NAME build_qsse_resnet_backbone)")
+        following = backbone.stages_after(self.id_in_feature)  # ValueError: no such stage
         self._trunk = [backbone]
         if self.id_own_stages:
-            start = names.index(self.id_in_feature) + 1
-            stages = {n: copy.deepcopy(st) for n, st in zip(names[start:], backbone.stages[start:])}
+            stages = {n: copy.deepcopy(st) for n, st in following.items()}
             for st in stages.values():
                 for block in st:
                     if hasattr(block, "qsse"):
@@ -211,11 +210,9 @@ class QEEPSROIHeads(Res5ROIHeads):
         copies), then res5."""
         if self.id_pooler is None:
             return [self.res5]
-        if self.id_trunk is not None:
-            return list(self.id_trunk.values()) + [self.res5]
-        backbone = self._trunk[0]
-        start = backbone.stage_names.index(self.id_in_feature) + 1
-        return list(backbone.stages[start:]) + [self.res5]
+        stages = (self.id_trunk if self.id_trunk is not None
+                  else self._trunk[0].stages_after(self.id_in_feature))
+        return list(stages.values()) + [self.res5]
 
     def identity_features(self, x: torch.Tensor, image_index: Optional[torch.Tensor] = None
                           ) -> torch.Tensor:
@@ -483,14 +480,16 @@ def _id_pooler_from_config(cfg, input_shape) -> Dict:
     return {"id_pooler": pooler, "id_in_feature": c.IN_FEATURE, "id_own_stages": c.OWN_STAGES}
 
 
-def id_trunk_from_backbone(state_dict, prefix, *args) -> None:
-    """Load-state-dict pre-hook of the meta architecture: a checkpoint without
-    ``roi_heads.id_trunk`` weights (any but one trained with MODEL.QEEPS.ID_POOLER.OWN_STAGES)
-    starts the identity path's stages as copies of the backbone's (QSSE weights excluded)."""
+def id_trunk_from_backbone(stage_names: Sequence[str], state_dict, prefix, *args) -> None:
+    """Load-state-dict pre-hook of the meta architecture (``stage_names`` bound: the stages the
+    identity path has copies of): a checkpoint without ``roi_heads.id_trunk`` weights (any but
+    one trained with MODEL.QEEPS.ID_POOLER.OWN_STAGES) starts those copies from the backbone's
+    stages of the same names (QSSE weights excluded)."""
     dst = prefix + "roi_heads.id_trunk."
     if any(k.startswith(dst) for k in state_dict):
         return
-    for key in [k for k in state_dict if k.startswith(prefix + "backbone.res")]:
+    sources = tuple(f"{prefix}backbone.{name}." for name in stage_names)
+    for key in [k for k in state_dict if k.startswith(sources)]:
         rest = key[len(prefix + "backbone."):]
         if ".qsse." not in rest:
             state_dict[dst + rest] = state_dict[key].clone()
