@@ -28,6 +28,8 @@ from qeeps_d2.data.pairs import build_pair_records
 from qeeps_d2.data.samplers import ResumableTrainLoader
 from qeeps_d2.engine.hooks import NonFiniteLossCheck, OIMTableInit
 from qeeps_d2.engine.rng_state import get_rng_state, set_rng_state
+from qeeps_d2.engine.run_state import metric_history, resolve_run_seed, restore_metric_history
+from qeeps_d2.utils.atomic_write import remove_stale_temp_files
 
 __all__ = ["Trainer", "setup_cfg", "num_train_records", "train_records"]
 
@@ -67,15 +69,21 @@ class Trainer(DefaultTrainer):
     """``DefaultTrainer`` with person-search data loaders, the person-search evaluator and the
     QEEPS checkpointer (torchvision weights, safe loading of our own checkpoints).
 
-    Resuming is exact: checkpoints also hold the RNG states and the training stream's seed, and
-    the training loader (:class:`~qeeps_d2.data.samplers.ResumableTrainLoader`) restarts at the
-    resumed iteration's batch. A NaN or infinite loss term stops training with a message naming
+    Resuming is exact: checkpoints also hold the RNG states, the training stream's seed and the
+    recent logged metrics (:mod:`~qeeps_d2.engine.run_state`), a config's ``SEED -1`` is drawn
+    once per run and reused on ``--resume``, and the training loader
+    (:class:`~qeeps_d2.data.samplers.ResumableTrainLoader`) restarts at the resumed iteration's
+    batch. Temporary files of a save interrupted by a kill are removed at the next start. A NaN or infinite loss term stops training with a message naming
     the iteration and the term (:class:`~qeeps_d2.engine.hooks.NonFiniteLossCheck`).
     """
 
     def __init__(self, cfg):
         super().__init__(cfg)
         install_qeeps_checkpointer(self)
+        self._resumed_metrics = None
+        if comm.is_main_process():
+            for path in remove_stale_temp_files(cfg.OUTPUT_DIR):
+                logger.info("Removed %s, left by an interrupted save", path)
 
     @classmethod
     def build_optimizer(cls, cfg, model):
@@ -132,9 +140,12 @@ class Trainer(DefaultTrainer):
         return hooks + super().build_hooks()
 
     def state_dict(self):
-        """Detectron2's trainer state plus the RNG states and the training stream's seed."""
+        """Detectron2's trainer state plus the RNG states, the training stream's seed and the
+        recent logged metrics."""
         state = super().state_dict()
         state["rng"] = get_rng_state()
+        if hasattr(self, "storage"):
+            state["metrics"] = metric_history(self.storage)
         loader = self._trainer.data_loader
         if isinstance(loader, ResumableTrainLoader):
             state["data_seed"] = loader.seed
@@ -147,6 +158,13 @@ class Trainer(DefaultTrainer):
         loader = self._trainer.data_loader
         if "data_seed" in state_dict and isinstance(loader, ResumableTrainLoader):
             loader.set_seed(state_dict["data_seed"])
+        self._resumed_metrics = state_dict.get("metrics")
+
+    def before_train(self):
+        """A resumed run's storage first gets the metrics logged before the checkpoint."""
+        if self._resumed_metrics:
+            restore_metric_history(self.storage, self._resumed_metrics)
+        super().before_train()
 
     def resume_or_load(self, resume=True):
         """Detectron2's ``resume_or_load``; the training stream then starts at ``start_iter``."""
@@ -244,7 +262,9 @@ def setup_cfg(config_file: str, opts=(), args=None, resolve_schedule: bool = Tru
     """get_cfg + add_qeeps_config + file + overrides, device fallback, epoch schedule, freeze.
 
     With ``args`` (from ``default_argument_parser``) also runs Detectron2's ``default_setup``
-    (output dir, logging, environment dump, seeding). ``resolve_schedule`` turns
+    (output dir, logging, environment dump, seeding); for training, ``SEED -1`` is first
+    replaced by the run's seed (:func:`~qeeps_d2.engine.run_state.resolve_run_seed`: drawn and
+    stored in ``OUTPUT_DIR``, reused by ``--resume``). ``resolve_schedule`` turns
     ``SOLVER.EPOCHS`` into iterations, which reads the training data set (skipped for
     ``--eval-only``).
     """
@@ -256,7 +276,10 @@ def setup_cfg(config_file: str, opts=(), args=None, resolve_schedule: bool = Tru
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         logger.warning("MODEL.DEVICE is %s but CUDA is not available: using the CPU", cfg.MODEL.DEVICE)
         cfg.MODEL.DEVICE = "cpu"
-    if resolve_schedule and not (args is not None and args.eval_only):
+    training = not (args is not None and args.eval_only)
+    if args is not None and training and cfg.SEED < 0:
+        cfg.SEED = resolve_run_seed(cfg.OUTPUT_DIR, args.resume)
+    if resolve_schedule and training:
         resolve_epoch_schedule(cfg, num_train_records(cfg))
     cfg.freeze()
     if args is not None:

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import os
 import tempfile
-from typing import Any, Callable
+from typing import Any, Callable, List
 
-__all__ = ["write_atomically"]
+__all__ = ["write_atomically", "remove_stale_temp_files"]
 
 
 def write_atomically(path: str, write: Callable[[Any], None], mode: str = "wb") -> None:
@@ -28,3 +28,18 @@ def write_atomically(path: str, write: Callable[[Any], None], mode: str = "wb") 
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def remove_stale_temp_files(folder: str) -> List[str]:
+    """Delete the ``.<name>.*.tmp`` files :func:`write_atomically` leaves in ``folder`` when its
+    process is killed mid-write; call only where no other process is writing there. Returns the
+    removed paths."""
+    if not os.path.isdir(folder):
+        return []
+    removed = []
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if name.startswith(".") and name.endswith(".tmp") and os.path.isfile(path):
+            os.remove(path)
+            removed.append(path)
+    return removed
