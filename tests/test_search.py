@@ -89,6 +89,28 @@ def test_video_gallery_every_fifth_frame(data):
     assert len(list(iter_gallery(data["video"]))) == 20
 
 
+def test_truncated_video_is_searched_as_far_as_it_reads_with_a_warning(data, tmp_path, caplog):
+    """A video cut in half: its frames up to the cut are read, and a warning says how many of
+    the announced frames were read (not a silent, half-searched exit 0)."""
+    whole = open(data["video"], "rb").read()
+    cut = tmp_path / "cut.avi"
+    cut.write_bytes(whole[: len(whole) // 2])
+    with caplog.at_level(logging.WARNING, logger="qeeps_d2.search.gallery"):
+        gallery = iter_gallery(str(cut), every=2)
+        frames = list(gallery)
+    read = len(frames)
+    assert 0 < read < 10 and gallery.frames_short > 0
+    decoded = 20 - gallery.frames_short
+    assert frames[-1].index == (decoded - 1) // 2 * 2
+    assert f"ends after {decoded} of the 20 frames its container announces" in caplog.text
+    # the whole video: no warning
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="qeeps_d2.search.gallery"):
+        whole_gallery = iter_gallery(data["video"])
+        assert len(list(whole_gallery)) == 20
+    assert whole_gallery.frames_short == 0 and "announces" not in caplog.text
+
+
 def test_gallery_errors_name_the_input(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere"):
         iter_gallery(str(tmp_path / "nowhere"))

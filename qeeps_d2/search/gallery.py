@@ -106,6 +106,8 @@ class Gallery:
         is_video: whether ``path`` is a video file (else a folder).
         skipped: folder images that could not be read during the last iteration.
         num_read: frames yielded by the last iteration.
+        frames_short: video frames the container announces but the last complete iteration
+            could not decode (a truncated or damaged file; warned about), else 0.
     """
 
     def __init__(self, path: str, every: int = 1, start: int = 0):
@@ -119,6 +121,7 @@ class Gallery:
         self.is_video = not os.path.isdir(self.path)
         self.skipped: List[str] = []
         self.num_read = 0
+        self.frames_short = 0
         if self.is_video:
             capture = cv2.VideoCapture(self.path)
             try:
@@ -166,6 +169,7 @@ class Gallery:
 
     def _video_frames(self) -> Iterator[GalleryFrame]:
         capture = cv2.VideoCapture(self.path)
+        announced = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
         try:
             index = 0
             while True:
@@ -179,6 +183,13 @@ class Gallery:
                 index += 1
         finally:
             capture.release()
+        self.frames_short = max(0, announced - index)
+        if self.frames_short:
+            logger.warning(
+                "gallery video %s ends after %d of the %d frames its container announces "
+                "(truncated or damaged?): frames %d.. were not searched",
+                self.path, index, announced, index,
+            )
 
 
 def iter_gallery(path: str, every: int = 1, start: int = 0) -> Gallery:
