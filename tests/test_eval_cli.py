@@ -86,6 +86,24 @@ def test_partial_results_are_scored_on_their_queries(tmp_path, capsys):
     assert got["partial"] is True
 
 
+def test_duplicate_rows_are_collapsed_with_a_warning(tmp_path, capsys, caplog):
+    """The same row listed five times would count four false positives (before: mAP 58 -> 42):
+    exact duplicates within an image are kept once, with one warning; equal boxes of different
+    images, or of one image with other similarities, are not duplicates."""
+    queries = json.loads(json.dumps(CUHK_QUERIES))
+    queries[1]["gallery"]["s7.jpg"] *= 5  # the negative above the target, five times
+    queries[0]["gallery"]["s8.jpg"] *= 2
+    queries[0]["gallery"]["s8.jpg"].append([10, 10, 30, 60, 0.9, 0.2])  # same box, lower sim
+    path = _write(tmp_path, "cuhk_sysu_test", queries, name="dup.json")
+    with caplog.at_level("WARNING"):
+        assert main(["--dataset", "cuhk_sysu_test", "--json", path]) == 0
+    got = _json_line(capsys.readouterr().out)
+    # q0: 0.8 (TP) 0.5 0.3 (TP) 0.2 -> AP 5/6 as before; q1 as before
+    _check(got, CUHK_G100)
+    assert caplog.text.count("exact duplicate detection rows") == 1
+    assert "5 exact duplicate detection rows" in caplog.text and "in 2 queries" in caplog.text
+
+
 def test_detection_metrics_from_gallery_detections(tmp_path, capsys):
     dets = {"s6.jpg": [[5, 5, 30, 65, 0.9]], "s9.jpg": [[60, 40, 80, 70, 0.95]],
             "s8.jpg": [[10, 10, 30, 60, 0.8], [40, 10, 60, 60, 0.6]]}

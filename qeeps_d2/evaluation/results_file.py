@@ -20,22 +20,27 @@ is kept as is in :attr:`SearchResults.extra`. The evaluator writes ``"mode"`` (`
 ``"num_pairs"``, and its similarities below -1 are first-stage scores shifted down by 3
 (``qeeps_d2.evaluation.cascade``), so similarities are not bounded to [-1, 1].
 
-:func:`read_results` checks the file on its own (format tag, known data set, structure, rows);
+:func:`read_results` checks the file on its own (format tag, known data set, structure, rows;
+exact duplicate rows of one gallery image, which no detector produces and which would count as
+false positives, are collapsed with a warning);
 :func:`validate_against_protocol` checks it against the protocol it is scored with.
 """
 from __future__ import annotations
 
 import gzip
 import json
+import logging
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from ..data.catalog import DATASET_NAMES
 from ..data.search_protocol import SearchProtocol
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "RESULTS_FORMAT",
@@ -178,7 +183,8 @@ def _parse_rows(path: str, where: str, rows: Any, width: int) -> np.ndarray:
     return arr
 
 
-def _parse_query(path: str, position: int, q: Any) -> QueryResult:
+def _parse_query(path: str, position: int, q: Any) -> Tuple[QueryResult, int]:
+    """One query's entry and the number of duplicate rows dropped from it."""
     where = f"queries[{position}]"
     if not isinstance(q, dict) or not {"index", "image", "gallery"} <= set(q):
         raise ValueError(f"{path}: {where} must be an object with index, image and gallery")
@@ -189,11 +195,34 @@ def _parse_query(path: str, position: int, q: Any) -> QueryResult:
         raise ValueError(f"{path}: {where}: image must be a non-empty string, got {image!r}")
     if not isinstance(gallery, dict):
         raise ValueError(f"{path}: {where}: gallery must be an object image -> rows")
-    return QueryResult(index, image, _parse_gallery(path, index, gallery))
+    rows, duplicates = _parse_gallery(path, index, gallery)
+    return QueryResult(index, image, rows), duplicates
 
 
-def _parse_gallery(path: str, index: int, gallery: Dict[str, Any]) -> Dict[str, np.ndarray]:
-    """Rows of one query's gallery, checked in one go; image by image only to name an error."""
+# A fixed random weighting of a row's 6 numbers: equal rows of one image get equal keys, so
+# sorting the keys finds duplicate candidates in one pass (then confirmed exactly).
+_ROW_KEY_WEIGHTS = np.random.default_rng(0).uniform(0.5, 1.5, 6)
+
+
+def _duplicate_rows(stacked: np.ndarray, image_ids: np.ndarray) -> np.ndarray:
+    """(N,) bool: rows equal in all 6 numbers to an earlier row of the same image."""
+    keys = (stacked * _ROW_KEY_WEIGHTS).sum(axis=1) + image_ids * math.pi
+    order = np.argsort(keys, kind="stable")
+    if not (keys[order][1:] == keys[order][:-1]).any():
+        return np.zeros(len(stacked), dtype=bool)  # the usual case: no candidate
+    duplicate = np.zeros(len(stacked), dtype=bool)
+    for image in np.unique(image_ids):
+        rows = np.flatnonzero(image_ids == image)
+        _, first = np.unique(stacked[rows], axis=0, return_index=True)
+        duplicate[rows] = True
+        duplicate[rows[first]] = False
+    return duplicate
+
+
+def _parse_gallery(path: str, index: int, gallery: Dict[str, Any]
+                   ) -> Tuple[Dict[str, np.ndarray], int]:
+    """Rows of one query's gallery, checked in one go (image by image only to name an error),
+    and the number of exact duplicate rows of an image that were dropped."""
     values = list(gallery.values())
     if values and all(isinstance(rows, list) for rows in values):
         try:
@@ -201,12 +230,17 @@ def _parse_gallery(path: str, index: int, gallery: Dict[str, Any]) -> Dict[str, 
         except ValueError:
             stacked = None  # malformed: found and reported image by image below
         if stacked is not None:
-            ends = np.cumsum([len(rows) for rows in values]).tolist()
-            return {n: stacked[e - len(rows) : e] for (n, rows), e in zip(gallery.items(), ends)}
+            lengths = [len(rows) for rows in values]
+            image_ids = np.repeat(np.arange(len(values)), lengths)
+            keep = ~_duplicate_rows(stacked, image_ids)
+            ends = np.cumsum(lengths).tolist()
+            parsed = {n: stacked[e - k : e][keep[e - k : e]]
+                      for n, k, e in zip(gallery, lengths, ends)}
+            return parsed, int((~keep).sum())
     return {
         name: _parse_rows(path, f"query {index} gallery image {name!r}", rows, 6)
         for name, rows in gallery.items()
-    }
+    }, 0
 
 
 def read_results(path: str) -> SearchResults:
@@ -217,6 +251,9 @@ def read_results(path: str) -> SearchResults:
         ValueError: naming the file and the problem: unreadable JSON, missing or wrong
             ``"format"`` tag, unknown data set, malformed query entries, duplicate query
             indices, malformed rows (not 6 finite numbers, x2 < x1 or y2 < y1).
+
+    Exact duplicate rows within one query's gallery image are dropped (one kept) with a
+    warning.
     """
     doc = _load_json(path)
     if not isinstance(doc, dict):
@@ -233,7 +270,15 @@ def read_results(path: str) -> SearchResults:
     raw_queries = doc.get("queries")
     if not isinstance(raw_queries, list):
         raise ValueError(f"{path}: 'queries' must be a list")
-    queries = [_parse_query(path, i, q) for i, q in enumerate(raw_queries)]
+    parsed = [_parse_query(path, i, q) for i, q in enumerate(raw_queries)]
+    queries = [q for q, _ in parsed]
+    duplicated = [(q.index, n) for q, n in parsed if n]
+    if duplicated:
+        logger.warning(
+            "%s: %d exact duplicate detection rows (same image, box, score and similarity) "
+            "collapsed to one each, in %d queries (first: query %d, %d rows); duplicates would "
+            "count as false positives", path, sum(n for _, n in duplicated), len(duplicated),
+            *duplicated[0])
     seen = set()
     for q in queries:
         if q.index in seen:
