@@ -110,12 +110,8 @@ def make_cuhk_sysu_fixture(root: str, image_sizes: dict = None) -> dict:
 
     galleries = {size: [[(name, None if box is None else _xyxy(*box)) for name, box in lst]
                         for lst in lists] for size, lists in _CUHK_GALLERIES.items()}
-    galleries[-1] = [
-        [("s7.jpg", _xyxy(20, 20, 20, 40)), ("s6.jpg", _xyxy(5, 5, 25, 60)), ("s8.jpg", None),
-         ("s9.jpg", None), ("s10.jpg", None)],
-        [("s7.jpg", None), ("s5.jpg", None), ("s8.jpg", _xyxy(10, 10, 20, 50)), ("s9.jpg", None),
-         ("s10.jpg", None)],
-    ]
+    # psdb.py's full set: the TestG50 list as is, then the other pool images but the query's own
+    galleries[-1] = [galleries[50][0] + [("s10.jpg", None)], galleries[50][1]]
     return {
         "root": root,
         "image_sizes": sizes,

@@ -1,4 +1,5 @@
 """CUHK-SYSU writer, reader and protocol on a tiny official-format fixture (dataset_fixtures)."""
+import json
 import logging
 import os
 
@@ -9,6 +10,8 @@ import scipy.io
 import dataset_fixtures
 from qeeps_d2.data import cuhk_sysu
 from qeeps_d2.data.cuhk_sysu import load_cuhk_sysu, load_cuhk_sysu_protocol, write_cuhk_sysu
+from qeeps_d2.evaluation.cli import main as qeeps_eval
+from qeeps_d2.evaluation.results_file import write_results
 
 ANNOTATION = os.path.join("annotation")
 TRAIN_TEST = os.path.join("annotation", "test", "train_test")
@@ -24,6 +27,14 @@ def cuhk(tmp_path_factory):
 def fresh_cuhk(tmp_path):
     """A private copy to modify."""
     return dataset_fixtures.make_cuhk_sysu_fixture(str(tmp_path / "CUHK-SYSU"))
+
+
+def _rewrite(root, images=None, galleries=None):
+    """Rewrite the fixture's annotation with other ``images`` or gallery lists (size -> lists)."""
+    images = images or [(n, np.array(b)) for n, b in dataset_fixtures._CUHK_IMAGES.items()]
+    galleries = galleries or dataset_fixtures._CUHK_GALLERIES
+    test = {s: list(zip(dataset_fixtures._CUHK_QUERIES, g)) for s, g in galleries.items()}
+    write_cuhk_sysu(root, images, dataset_fixtures._CUHK_POOL, dataset_fixtures._CUHK_TRAIN, test)
 
 
 def _as_expected(dicts):
@@ -157,9 +168,51 @@ def test_protocol_keeps_reference_quirks(cuhk):
     first = g50.gallery(0)
     assert first.images.count("s7.jpg") == 2 and "s5.jpg" in first.images  # dup + self entry
     assert first.count_gt == 4
-    whole = load_cuhk_sysu_protocol(cuhk["root"], -1)
-    assert "s5.jpg" not in whole.gallery(0).images and whole.gallery(0).count_gt == 2
-    assert len(whole.gallery(1)) == 5 and whole.gallery(1).count_gt == 1
+    whole = load_cuhk_sysu_protocol(cuhk["root"], -1)  # psdb.py's full set keeps them too
+    assert whole.gallery(0).images[:len(first)] == first.images
+    assert whole.gallery(0).count_gt == 4 and whole.gallery(1).count_gt == 2
+
+
+def test_full_set_is_psdb_full_set(fresh_cuhk):
+    """gallery_size=-1 as psdb.py: the TestG50 list as is (self and duplicate entries kept), then
+    the pool images neither listed nor the query's own, in pool order, as negatives."""
+    root = fresh_cuhk["root"]
+    g50 = dataset_fixtures._CUHK_GALLERIES[50]
+    _rewrite(root, galleries={50: [g50[0], g50[1][:3]]})  # query 1 (s6.jpg): s8 twice, s5
+    whole = load_cuhk_sysu_protocol(root, -1)
+    first, second = whole.gallery(0), whole.gallery(1)
+    assert first.images == ["s6.jpg", "s7.jpg", "s7.jpg", "s5.jpg", "s8.jpg", "s9.jpg", "s10.jpg"]
+    assert first.positive.tolist() == [True] * 4 + [False] * 3 and first.count_gt == 4
+    # pool order s7, s5, s6, s8, s9, s10: s6 is the query image, s5 and s8 are listed
+    assert second.images == ["s8.jpg", "s8.jpg", "s5.jpg", "s7.jpg", "s9.jpg", "s10.jpg"]
+    assert second.gt_boxes[:2].tolist() == [[10, 10, 30, 60], [40, 10, 60, 60]]
+    assert second.count_gt == 2 and not second.positive[2:].any()
+
+
+def test_full_set_scores_results_made_by_the_reference_rule(cuhk, tmp_path, monkeypatch, capsys):
+    """Detections in query 0's own image (a TestG50 entry) are accepted and scored as psdb.py
+    does; query 1's own image, in no list, is not in its gallery."""
+    monkeypatch.setenv("DETECTRON2_DATASETS", os.path.dirname(cuhk["root"]))
+    queries = [
+        {"index": 0, "image": "s5.jpg", "gallery": {
+            "s6.jpg": [[5, 5, 30, 65, 0.9, 0.8]], "s5.jpg": [[10, 10, 30, 60, 0.9, 0.7]],
+            "s10.jpg": [[0, 0, 30, 60, 0.9, 0.6]], "s8.jpg": [[10, 10, 30, 60, 0.9, 0.5]],
+            "s7.jpg": [[20, 20, 40, 60, 0.9, 0.3]]}},
+        {"index": 1, "image": "s6.jpg", "gallery": {
+            "s8.jpg": [[10, 10, 30, 60, 0.9, 0.4]], "s7.jpg": [[20, 20, 40, 60, 0.9, 0.6]]}},
+    ]
+    path = str(tmp_path / "full.json")
+    argv = ["--dataset", "cuhk_sysu_test", "--gallery-size", "-1", "--json", path]
+    write_results(path, "cuhk_sysu_test", queries)
+    assert qeeps_eval(argv) == 0
+    got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    # q0, 4 targets: 0.8 (TP) 0.7 (TP, s5) 0.6 0.5 0.3 0.3 (TP TP, s7 listed twice):
+    #   AP 1/4 + 1/4 + 2/4 * 4/6 = 5/6; q1: 0.6 0.4 (TP) 0.4 -> 1/3 * recall 1/2
+    assert got["mAP"] == pytest.approx((5 / 6 + 1 / 6) / 2) and got["top1"] == 0.5
+    queries[1]["gallery"]["s6.jpg"] = [[60, 10, 80, 60, 0.9, 0.9]]
+    write_results(path, "cuhk_sysu_test", queries)
+    assert qeeps_eval(argv) == 2
+    assert "query 1: image 's6.jpg' is not in its gallery" in capsys.readouterr().err
 
 
 def test_protocol_rejects_bad_sizes_and_missing_files(cuhk):
@@ -216,9 +269,7 @@ def test_box_outside_image_and_unknown_pool_image(fresh_cuhk):
     root = fresh_cuhk["root"]
     images = [(n, np.array(b)) for n, b in dataset_fixtures._CUHK_IMAGES.items()]
     images[-2] = ("s9.jpg", np.array([[100, 30, 20, 40]]))  # x1 == width 100
-    test = {s: list(zip(dataset_fixtures._CUHK_QUERIES, g))
-            for s, g in dataset_fixtures._CUHK_GALLERIES.items()}
-    write_cuhk_sysu(root, images, dataset_fixtures._CUHK_POOL, dataset_fixtures._CUHK_TRAIN, test)
+    _rewrite(root, images=images)
     with pytest.raises(ValueError, match=r"s9.jpg: box \[100.0, 30.0, 120.0, 70.0\].*outside"):
         load_cuhk_sysu(root, "test")
     pool_path = os.path.join(root, ANNOTATION, "pool.mat")
@@ -258,15 +309,3 @@ def test_cache_can_be_disabled(fresh_cuhk, monkeypatch):
     monkeypatch.setenv("QEEPS_D2_NO_CACHE", "1")
     assert len(load_cuhk_sysu(fresh_cuhk["root"], "test")) == 6
     assert not os.path.exists(os.path.join(fresh_cuhk["root"], ".cache"))
-
-
-def test_corrupt_cache_entry_is_recomputed(fresh_cuhk, caplog):
-    root = fresh_cuhk["root"]
-    expected = _as_expected(load_cuhk_sysu(root, "test"))
-    folder = os.path.join(root, ".cache", "qeeps_d2")
-    for name in os.listdir(folder):
-        with open(os.path.join(folder, name), "wb") as f:
-            f.write(b"garbage")
-    with caplog.at_level(logging.WARNING, logger="qeeps_d2.data.parse_cache"):
-        assert _as_expected(load_cuhk_sysu(root, "test")) == expected
-    assert "Ignoring unreadable cache entry" in caplog.text

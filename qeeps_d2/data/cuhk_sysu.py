@@ -40,7 +40,7 @@ import numpy as np
 from .dataset_dicts import UNLABELED, make_image_dicts
 from .image_sizes import read_image_sizes
 from .mat_files import MatLayoutError, read_mat_key, write_mat
-from .parse_cache import cached, file_fingerprint
+from .parse_cache import STRINGS, Array, cached, file_fingerprint
 from .search_protocol import Gallery, Query, SearchProtocol
 
 __all__ = [
@@ -219,10 +219,24 @@ def _parse(path: str, what: str, key: str, layout: str, parser):
         raise MatLayoutError(f"{what} {path}: expected {layout}; {type(e).__name__}: {e}") from e
 
 
-def _cached_parse(root: str, path: str, tag: str, compute):
+# Layouts of the cached parses (see parse_cache): xywh boxes, counts/ids, names.
+_BOXES = Array("float64", (None, 4))
+_INDICES = Array("int64", (None,))
+_IMAGES_SPEC = (STRINGS, _INDICES, _BOXES)
+_TRAIN_SPEC = (STRINGS, _INDICES, STRINGS, _BOXES)
+_TESTG_SPEC = {
+    "query_images": STRINGS, "query_boxes": _BOXES, "query_idnames": STRINGS,
+    "query_ishard": _INDICES, "names": STRINGS, "offsets": _INDICES,
+    "entry_names": Array("int32", (None,)), "positive_entries": _INDICES,
+    "positive_boxes": _BOXES,
+}
+
+
+def _cached_parse(root: str, path: str, tag: str, spec, compute):
+    """``compute()`` (the parse of ``path``) through the cache, checked against ``spec``."""
     if not os.path.isfile(path):
         return compute()  # raises the FileNotFoundError naming the file
-    return cached(root, tag, file_fingerprint([path]), compute)
+    return cached(root, tag, file_fingerprint([path]), compute, spec)
 
 
 def _name(cell) -> str:
@@ -251,7 +265,7 @@ def _read_images(root: str):
             boxes.extend(rows)
         return names, np.asarray(counts, np.int64), np.asarray(boxes, np.float64).reshape(-1, 4)
 
-    return _cached_parse(root, path, "cuhk_images", lambda: _parse(
+    return _cached_parse(root, path, "cuhk_images", _IMAGES_SPEC, lambda: _parse(
         path, "CUHK-SYSU image list", "Img",
         "'Img' struct array of (imname, nAppear, box) with (1, n) box structs of [x, y, w, h]",
         parse))
@@ -259,7 +273,7 @@ def _read_images(root: str):
 
 def _read_pool(root: str) -> List[str]:
     path = os.path.join(root, _POOL)
-    return _cached_parse(root, path, "cuhk_pool", lambda: _parse(
+    return _cached_parse(root, path, "cuhk_pool", STRINGS, lambda: _parse(
         path, "CUHK-SYSU test pool list", "pool", "'pool' cell array of image names",
         lambda pool: [_name(a) for a in pool.reshape(-1)]))
 
@@ -280,7 +294,7 @@ def _read_train(root: str):
         return (idnames, np.asarray(person, np.int64), names,
                 np.asarray(boxes, np.float64).reshape(-1, 4))
 
-    return _cached_parse(root, path, "cuhk_train", lambda: _parse(
+    return _cached_parse(root, path, "cuhk_train", _TRAIN_SPEC, lambda: _parse(
         path, "CUHK-SYSU train identities", "Train",
         "'Train' cell of (1, 1) structs (idname, nAppear, scene)", parse))
 
@@ -321,7 +335,7 @@ def _read_testg(root: str, gallery_size: int) -> Dict[str, object]:
             "positive_boxes": np.asarray(pos_boxes, np.float64).reshape(-1, 4),
         }
 
-    return _cached_parse(root, path, f"cuhk_testg{gallery_size}", lambda: _parse(
+    return _cached_parse(root, path, f"cuhk_testg{gallery_size}", _TESTG_SPEC, lambda: _parse(
         path, f"CUHK-SYSU TestG{gallery_size} protocol", f"TestG{gallery_size}",
         "(1, Q) struct of (Query, Gallery); Query (imname, idlocate, ishard, idname); Gallery "
         "records (imname, idlocate, ishard)", parse))
@@ -465,10 +479,10 @@ def load_cuhk_sysu_protocol(root: str, gallery_size: int = 100,
 
     Queries: TestG50 ``Query`` in file order, ``person_id`` = query index. Gallery of query i:
     ``TestG<N>['Gallery'][i]`` as is (duplicates and entries of the query image kept), the gt box
-    of an entry from its ``idlocate`` (NaN row when empty). ``gallery_size=-1``: every pool image
-    except the query image, in pool.mat order, positives = images whose test annotation holds the
-    query id (first such box in Images.mat order). Unlike psdb.py's -1 this lists each pool image
-    once, so TestG50's duplicate and self entries do not appear.
+    of an entry from its ``idlocate`` (NaN row when empty). ``gallery_size=-1`` ("full set", as
+    psdb.py): the TestG50 list as is (its duplicate and self entries kept, as for the other sizes,
+    so ``count_gt`` is TestG50's), then every other pool image in pool.mat order, except the query
+    image and the images already listed, as negatives.
 
     Args:
         root: data set root.
@@ -487,7 +501,7 @@ def load_cuhk_sysu_protocol(root: str, gallery_size: int = 100,
     queries = [Query(index=k, image=name, box=_xyxy(box)[0], person_id=k)
                for k, (name, box) in enumerate(zip(base["query_images"], base["query_boxes"]))]
     if gallery_size == -1:
-        gallery_fn = _whole_pool_galleries(root, queries)
+        gallery_fn = _full_set_galleries(_list_galleries(base), _read_pool(root), queries)
     else:
         testg = base if gallery_size == 50 else _read_testg(root, gallery_size)
         _check_same_queries(base, testg, _testg_path(root, gallery_size))
@@ -531,25 +545,18 @@ def _list_galleries(testg):
     return gallery
 
 
-def _whole_pool_galleries(root: str, queries: List[Query]):
-    names, counts, boxes, pids = _split_annotations(root, "test")
-    pool = _read_pool(root)
-    position = {name: i for i, name in enumerate(pool)}
-    owner = np.repeat(np.arange(len(names)), counts)
-    xyxy = _xyxy(boxes)
-    # pid -> {pool position: first box (xyxy) of that pid in the image}
-    positives: Dict[int, Dict[int, np.ndarray]] = {}
-    for k in np.flatnonzero(pids != UNLABELED).tolist():
-        positives.setdefault(int(pids[k]), {}).setdefault(position[names[owner[k]]], xyxy[k])
+def _full_set_galleries(listed, pool: List[str], queries: List[Query]):
+    """psdb.py's full set: gallery ``listed(i)`` (TestG50's, kept as is) followed by the pool
+    images it does not name, in pool order, without query i's own image, all negatives."""
+    position = {name: j for j, name in enumerate(pool)}
     pool_names = np.asarray(pool, dtype=object)
 
     def gallery(i: int) -> Gallery:
+        head = listed(i)
         keep = np.ones(len(pool), dtype=bool)
-        if queries[i].image in position:
-            keep[position[queries[i].image]] = False
-        gt = np.full((len(pool), 4), np.nan)
-        for j, box in positives.get(queries[i].person_id, {}).items():
-            gt[j] = box
-        return Gallery(images=pool_names[keep].tolist(), gt_boxes=gt[keep])
+        keep[[position[n] for n in {*head.images, queries[i].image} if n in position]] = False
+        rest = pool_names[keep].tolist()
+        return Gallery(images=head.images + rest,
+                       gt_boxes=np.concatenate([head.gt_boxes, np.full((len(rest), 4), np.nan)]))
 
     return gallery

@@ -38,7 +38,7 @@ import numpy as np
 from .dataset_dicts import UNLABELED, make_image_dicts
 from .image_sizes import read_image_sizes
 from .mat_files import MatLayoutError, read_mat_key
-from .parse_cache import cached, file_fingerprint
+from .parse_cache import Array, ArrayList, cached, file_fingerprint
 from .search_protocol import Gallery, Query, SearchProtocol
 
 __all__ = [
@@ -126,7 +126,8 @@ def _read_annotations(root: str, split: str) -> Tuple[List[str], List[np.ndarray
         if not os.path.isfile(path):
             raise FileNotFoundError(f"PRW annotation of frame {frame} not found: {path}")
     rows = cached(root, f"prw_{split}_annotations", file_fingerprint(paths),
-                  lambda: [_read_annotation(path) for path in paths])
+                  lambda: [_read_annotation(path) for path in paths],
+                  ArrayList(Array("float64", (None, 5))))
     return frames, rows
 
 
