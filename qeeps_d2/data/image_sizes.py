@@ -12,7 +12,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .parse_cache import cached, file_fingerprint
+from .parse_cache import Array, cached, file_fingerprint
 
 __all__ = ["read_image_sizes"]
 
@@ -33,7 +33,8 @@ def read_image_sizes(root: str, tag: str, image_dir: str, names: Sequence[str]) 
     for path in paths:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"image not found: {path}")
-    return cached(root, tag, file_fingerprint(paths), lambda: _read_headers(paths))
+    return cached(root, tag, file_fingerprint(paths), lambda: _read_headers(paths),
+                  Array("int64", (None, 2)))
 
 
 def _read_headers(paths: Sequence[str]) -> np.ndarray:
