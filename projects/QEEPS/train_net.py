@@ -5,12 +5,15 @@
     python projects/QEEPS/train_net.py --config-file configs/SynthPS/qeeps.yaml --eval-only \
         MODEL.WEIGHTS output/synthps/qeeps/model_final.pth
 
-A bad config file, unknown key, unknown data set or data set file of the wrong layout is reported
-in one line (exit status 2) before anything is written to OUTPUT_DIR.
+A bad config file, unknown key, unknown data set or data set file of the wrong layout, and
+weights that cannot be read (or, with --eval-only, do not fit the config's model: missing or
+unused keys) are reported in one line (exit status 2) before anything is written to OUTPUT_DIR.
+Training loads weights that fit in part (e.g. a QEEPS model from OIM weights) and logs, in one
+line, which groups of layers start fresh.
 """
 from detectron2.engine import default_argument_parser, launch
 
-from qeeps_d2.checkpoint import QEEPSCheckpointer
+from qeeps_d2.checkpoint import CheckpointError, QEEPSCheckpointer
 from qeeps_d2.engine import Trainer, setup_cfg
 from qeeps_d2.engine.input_checks import check_train_net_inputs
 from qeeps_d2.utils.cli import exit_on_user_error
@@ -20,7 +23,7 @@ def main(args):
     cfg = setup_cfg(args.config_file, args.opts, args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        QEEPSCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+        QEEPSCheckpointer(model, save_dir=cfg.OUTPUT_DIR, strict=True).resume_or_load(
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
         return Trainer.test(cfg, model)
@@ -32,7 +35,8 @@ def main(args):
 def invoke_main() -> None:
     args = default_argument_parser().parse_args()
     exit_on_user_error("train_net.py", check_train_net_inputs, args.config_file, args.opts,
-                       args.eval_only)
+                       args.eval_only, args.resume,
+                       user_errors=(ValueError, OSError, CheckpointError))
     launch(
         main,
         args.num_gpus,

@@ -1,21 +1,26 @@
 """Checks of ``train_net.py``'s inputs before anything is written: config file and overrides,
-data set names, the data sets' files.
+data set names, the data sets' files, the weights.
 
-:func:`check_train_net_inputs` raises ``ValueError`` / ``FileNotFoundError`` with one message
-naming the bad input (the config file, the override, the data set and its file), so that
-``train_net.py`` can report it in one line and exit with status 2 (``qeeps_d2.utils.cli``)
-*before* ``default_setup`` creates ``OUTPUT_DIR`` and writes its logs and config copy.
+:func:`check_train_net_inputs` raises ``ValueError`` / ``FileNotFoundError`` /
+:class:`~qeeps_d2.checkpoint.CheckpointError` with one message naming the bad input (the config
+file, the override, the data set and its file, the weights file), so that ``train_net.py`` can
+report it in one line and exit with status 2 (``qeeps_d2.utils.cli``) *before* ``default_setup``
+creates ``OUTPUT_DIR`` and writes its logs and config copy.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import yaml
 
 from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog
+from detectron2.modeling import build_model
 
+from qeeps_d2.checkpoint import QEEPSCheckpointer, warn_before_unpickling
 from qeeps_d2.config import add_qeeps_config
 from qeeps_d2.data.catalog import DATASET_NAMES
 
@@ -64,14 +69,57 @@ def _check_dataset_names(cfg, eval_only: bool) -> None:
                 )
 
 
-def check_train_net_inputs(config_file: str, opts: Sequence[str], eval_only: bool) -> None:
-    """Check what ``train_net.py`` is given, reading the data sets' annotation files.
+@contextlib.contextmanager
+def _logging_off() -> Iterator[None]:
+    """No log records up to WARNING inside (the real load after the checks reports them)."""
+    before = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(before)
+
+
+def _check_weights(cfg, eval_only: bool, resume: bool) -> None:
+    """Load the weights that ``train_net.py`` will load (the last checkpoint of ``OUTPUT_DIR``
+    with ``resume``, else ``MODEL.WEIGHTS``) into the config's model, built on the CPU, when they
+    are a local file: it must be readable and, with ``eval_only``, fit the model exactly
+    (``QEEPSCheckpointer(strict=True)``); for training, partial fits are fine. Remote weights
+    (``detectron2://...``) are left to the real load. Quiet but for the pickle warning of a
+    ``.pkl`` file, given once here (the real load in this process does not repeat it)."""
+    weights = cfg.MODEL.WEIGHTS
+    if not resume and (not weights or "://" in weights):
+        return  # nothing local to load
+    cpu_cfg = cfg.clone()
+    cpu_cfg.defrost()
+    cpu_cfg.MODEL.DEVICE = "cpu"
+    checkpointer = QEEPSCheckpointer(build_model(cpu_cfg), cfg.OUTPUT_DIR, strict=eval_only)
+    resumed = resume and checkpointer.has_checkpoint()
+    path = checkpointer.get_checkpoint_file() if resumed else weights
+    if not path or "://" in path:
+        return
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{'last checkpoint' if resumed else 'MODEL.WEIGHTS: weights file'}"
+                                f" {path} not found")
+    warn_before_unpickling(path, log=checkpointer.logger)
+    with _logging_off():
+        checkpointer.load(path, checkpointables=[])
+
+
+def check_train_net_inputs(config_file: str, opts: Sequence[str], eval_only: bool,
+                           resume: bool = False) -> None:
+    """Check what ``train_net.py`` is given, reading the data sets' annotation files and the
+    weights it will load (:func:`_check_weights`; ``resume``: ``train_net.py --resume``).
 
     Raises:
-        FileNotFoundError: a missing config file, data set folder or annotation file.
+        FileNotFoundError: a missing config file, data set folder, annotation file or weights
+            file.
         ValueError: a config that does not parse or has unknown keys or wrong value types,
             an override of an unknown key, an unknown data set name, an annotation file of
             the wrong layout (each message names the file or key).
+        qeeps_d2.checkpoint.CheckpointError: weights that cannot be read, that fit no backbone
+            weight of the model, or, with ``eval_only``, that miss or add any key the model
+            uses at inference (one line naming the file and the groups of keys).
     """
     from qeeps_d2.engine.trainer import load_test_protocol, setup_cfg, train_records
 
@@ -83,3 +131,4 @@ def check_train_net_inputs(config_file: str, opts: Sequence[str], eval_only: boo
     for name in cfg.DATASETS.TEST:
         if name in DATASET_NAMES:
             load_test_protocol(cfg, name)
+    _check_weights(cfg, eval_only, resume)

@@ -204,7 +204,8 @@ class PersonSearcher:
             FileNotFoundError: a missing config or (local) weights file.
             ValueError: an unknown device, a config that does not parse or is not a QEEPS model.
             qeeps_d2.checkpoint.CheckpointError: weights that cannot be read or do not fit the
-                model (e.g. the config of another architecture or width).
+                model: any missing, unused or mis-shaped key (e.g. an OIM model's weights with a
+                QEEPS config, or the config of another architecture or width).
         """
         if not os.path.isfile(config_file):
             raise FileNotFoundError(f"config file {config_file} not found")
@@ -221,7 +222,7 @@ class PersonSearcher:
                 f"{cfg.MODEL.META_ARCHITECTURE!r}, not a QEEPS person-search model"
             )
         model = build_model(cfg)
-        QEEPSCheckpointer(model).load(weights)
+        QEEPSCheckpointer(model, strict=True).load(weights)
         return cls(cfg, model)
 
     # ------------------------------------------------------------------ search
