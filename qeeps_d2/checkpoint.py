@@ -59,11 +59,9 @@ import collections
 import logging
 import os
 import re
-import weakref
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Set
 
 import torch
-from fvcore.common.checkpoint import PeriodicCheckpointer
 # fvcore's own filter of missing keys that were loaded under another name (shared modules)
 from fvcore.common.checkpoint import _filter_reused_missing_keys
 
@@ -79,7 +77,6 @@ __all__ = [
     "TORCHVISION_PIXEL_STD",
     "convert_torchvision_resnet_names",
     "describe_key_groups",
-    "install_qeeps_checkpointer",
     "is_torchvision_resnet",
     "key_group",
     "torchvision_preprocessing_mismatches",
@@ -404,25 +401,3 @@ class QEEPSCheckpointer(DetectionCheckpointer):
             f"weights {self._source()} loaded; {_joined(misfit)}"
             + (f"; the {fresh} layers start fresh" if fresh else ""),
         )
-
-
-def install_qeeps_checkpointer(trainer) -> QEEPSCheckpointer:
-    """Replace a ``DefaultTrainer``'s ``DetectionCheckpointer`` by a :class:`QEEPSCheckpointer`.
-
-    Call at the end of the trainer's ``__init__`` (after ``super().__init__(cfg)``): the new
-    checkpointer saves to ``cfg.OUTPUT_DIR`` with the trainer as checkpointable, exactly like the
-    stock one, and also replaces it in the ``PeriodicCheckpointer`` hook, so ``resume_or_load``
-    and periodic saves both go through it.
-
-    Returns:
-        the new checkpointer (also set as ``trainer.checkpointer``).
-    """
-    old = trainer.checkpointer
-    checkpointer = QEEPSCheckpointer(
-        trainer.model, trainer.cfg.OUTPUT_DIR, trainer=weakref.proxy(trainer)
-    )
-    for hook in trainer._hooks:
-        if isinstance(hook, PeriodicCheckpointer) and hook.checkpointer is old:
-            hook.checkpointer = checkpointer
-    trainer.checkpointer = checkpointer
-    return checkpointer

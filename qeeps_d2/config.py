@@ -1,5 +1,11 @@
-"""``add_qeeps_config``: every configuration key QEEPS adds to Detectron2's defaults."""
+"""``add_qeeps_config``: every configuration key QEEPS adds to Detectron2's defaults; and what a
+config means beyond single keys: the epoch schedule, whether its model is query-guided, the
+cascade's K."""
+import logging
+
 from detectron2.config import CfgNode as CN
+
+logger = logging.getLogger(__name__)
 
 
 def add_qeeps_config(cfg):
@@ -99,8 +105,8 @@ def add_qeeps_config(cfg):
 
     # OIM loss (lookup table of labeled identities + circular queue of unlabeled features).
     _C.MODEL.QEEPS.OIM = CN()
-    # Size of the lookup table = labeled training identities; 0 = read it from the first
-    # training data set (qeeps_d2.data.catalog.num_pids).
+    # Size of the lookup table = labeled training identities; 0 = set by setup_cfg from the
+    # first training data set (qeeps_d2.data.catalog.num_pids).
     _C.MODEL.QEEPS.OIM.NUM_PIDS = 0
     # Length of the circular queue of unlabeled features.
     _C.MODEL.QEEPS.OIM.QUEUE_SIZE = 5000
@@ -221,3 +227,23 @@ def resolve_epoch_schedule(cfg, num_records: int) -> None:
     per_epoch = max(1, -(-num_records // cfg.SOLVER.IMS_PER_BATCH))
     cfg.SOLVER.MAX_ITER = int(round(cfg.SOLVER.EPOCHS * per_epoch))
     cfg.SOLVER.STEPS = tuple(int(round(e * per_epoch)) for e in cfg.SOLVER.EPOCH_STEPS)
+
+
+def is_query_guided(cfg) -> bool:
+    """Whether the config's model is query-guided (any of QSSE, QRPN, QSimNet on): it trains on
+    query-gallery pairs and searches pair by pair."""
+    q = cfg.MODEL.QEEPS
+    return bool(q.QSSE.ENABLED or q.QRPN.ENABLED or q.QSIMNET.ENABLED)
+
+
+def cascade_topk(cfg) -> int:
+    """Shortlist length K of cascade evaluation (TEST.PERSON_SEARCH.CASCADE_TOPK) for a
+    query-guided model; 0 = exhaustive pair evaluation (always 0 for query-agnostic models)."""
+    k = cfg.TEST.PERSON_SEARCH.CASCADE_TOPK
+    if k < 0:
+        raise ValueError(f"TEST.PERSON_SEARCH.CASCADE_TOPK must be >= 0, got {k}")
+    if k and not is_query_guided(cfg):
+        logger.warning("TEST.PERSON_SEARCH.CASCADE_TOPK %d ignored: the model is query-agnostic "
+                       "(it already runs each gallery image once)", k)
+        return 0
+    return k

@@ -20,7 +20,7 @@ from qeeps_d2.data.size_batching import (
     size_grouped_batches,
     resized_test_shape,
 )
-from qeeps_d2.evaluation.evaluator import PersonSearchEvaluator
+from qeeps_d2.evaluation.build import PersonSearchEvaluators
 from qeeps_d2.search import GalleryFrame, PersonSearcher
 
 # Test images of the CUHK-SYSU fixture at several sizes; after the tiny configs' test resize
@@ -138,7 +138,7 @@ def test_evaluation_outputs_do_not_depend_on_the_batch(guided, mixed_sizes, monk
         protocol = load_test_protocol(cfg, "cuhk_sysu_test")
         out = mixed_sizes / f"{'pairs' if guided else 'agnostic'}_b{batch_size}"
         recorder = _Recorder(model)
-        evaluator = PersonSearchEvaluator("cuhk_sysu_test", protocol, str(out), det_thresh=0.0)
+        evaluator = PersonSearchEvaluators("cuhk_sysu_test", protocol, str(out), det_thresh=0.0)
         metrics = inference_on_dataset(
             recorder, build_person_search_test_loader(cfg, "cuhk_sysu_test", protocol), evaluator)
         with gzip.open(out / "cuhk_sysu_test_results.json.gz", "rt") as f:

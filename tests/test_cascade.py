@@ -24,9 +24,10 @@ from qeeps_d2.evaluation.cascade import (
     shortlist,
     shortlist_images,
 )
-from qeeps_d2.evaluation.evaluator import PersonSearchEvaluator, cascade_inference_on_dataset
+from qeeps_d2.evaluation.build import PersonSearchEvaluators
+from qeeps_d2.evaluation.cascade_inference import CascadeState, cascade_inference_on_dataset
 from qeeps_d2.evaluation.results_file import read_results
-from qeeps_d2.evaluation.search_inputs import build_search_records
+from qeeps_d2.data.search_inputs import build_search_records
 from test_evaluator import B_TARGET, BIG, C_TARGET, DATASET, FakeModel, _dicts, _protocol
 
 
@@ -132,7 +133,7 @@ def toy_dataset():
 def _run_cascade(k, tmp_path, model=None):
     protocol = _protocol()
     model = model or FakeModel()
-    evaluator = PersonSearchEvaluator(DATASET, protocol, output_dir=str(tmp_path), cascade_topk=k)
+    evaluator = PersonSearchEvaluators(DATASET, protocol, output_dir=str(tmp_path), cascade_topk=k)
 
     def batches(records):
         return [records[i : i + 2] for i in range(0, len(records), 2)]
@@ -140,6 +141,7 @@ def _run_cascade(k, tmp_path, model=None):
     results = cascade_inference_on_dataset(
         model, batches(build_search_records(protocol, "agnostic")),
         lambda sl: batches(build_search_records(protocol, "pairs", shortlist=sl)), evaluator,
+        evaluator.cascade,
     )
     return results, evaluator, model
 
@@ -147,9 +149,9 @@ def _run_cascade(k, tmp_path, model=None):
 def test_cascade_hand_computed(toy_dataset, tmp_path, caplog):
     """Stage 1 (test_evaluator's agnostic outputs): q0 best a 1.0 > b 0.8, q1 best b 1.0 > c 0.8,
     so K=1 re-scores (q0, a) and (q1, b) only."""
-    with caplog.at_level(logging.INFO, logger="qeeps_d2.evaluation.evaluator"):
+    with caplog.at_level(logging.INFO, logger="qeeps_d2.evaluation"):
         results, evaluator, model = _run_cascade(1, tmp_path)
-    assert evaluator.shortlist == {0: ["a.jpg"], 1: ["b.jpg"]}
+    assert evaluator.cascade.shortlist == {0: ["a.jpg"], 1: ["b.jpg"]}
     assert [(x["query_index"], x["image_id"]) for x in model.seen if "query_file_name" in x] == [
         (0, "a.jpg"), (1, "b.jpg")]
     ps = results["person_search"]
@@ -184,7 +186,7 @@ def test_cascade_with_k_at_least_the_gallery_equals_the_pair_evaluation(toy_data
     protocol = _protocol()
     pairs = inference_on_dataset(
         FakeModel(), [build_search_records(protocol, "pairs")],
-        PersonSearchEvaluator(DATASET, protocol, output_dir=str(tmp_path / "pairs")),
+        PersonSearchEvaluators(DATASET, protocol, output_dir=str(tmp_path / "pairs")),
     )
     for key in ("mAP", "top1", "top5", "top10"):
         assert results["person_search"][key] == pairs["person_search"][key]
@@ -201,14 +203,17 @@ def test_cascade_evaluator_is_reusable_and_checks_its_inputs(toy_dataset, tmp_pa
     again = cascade_inference_on_dataset(
         FakeModel(), [build_search_records(protocol, "agnostic")],
         lambda sl: [build_search_records(protocol, "pairs", shortlist=sl)], evaluator,
+        evaluator.cascade,
     )
     assert again["person_search"] == results["person_search"]
     with pytest.raises(ValueError, match="needs query-agnostic outputs"):
         cascade_inference_on_dataset(
-            FakeModel(), [build_search_records(protocol, "pairs")], None, evaluator)
-    with pytest.raises(ValueError, match="cascade_topk > 0"):
-        cascade_inference_on_dataset(FakeModel(), [], None,
-                                     PersonSearchEvaluator(DATASET, protocol))
+            FakeModel(), [build_search_records(protocol, "pairs")], None, evaluator,
+            evaluator.cascade)
+    with pytest.raises(ValueError, match="K >= 1"):
+        CascadeState(0)
+    with pytest.raises(ValueError, match="must be >= 0"):
+        PersonSearchEvaluators(DATASET, protocol, cascade_topk=-1)
 
 
 # ------------------------------------------------------------------ real model
@@ -265,7 +270,7 @@ def test_trainer_test_cascade_on_the_cuhk_fixture(tmp_path, monkeypatch, caplog)
 
     exhaustive, exhaustive_doc = run(0)
     full, full_doc = run(100)
-    with caplog.at_level(logging.INFO, logger="qeeps_d2.evaluation.evaluator"):
+    with caplog.at_level(logging.INFO, logger="qeeps_d2.evaluation"):
         one, one_doc = run(1)
     assert exhaustive_doc["mode"] == "pairs" and full_doc["mode"] == "cascade"
     assert full_doc["queries"] == exhaustive_doc["queries"]

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torchvision
 
-from detectron2.engine import DefaultTrainer
+from qeeps_d2.engine import Trainer
 from detectron2.engine.hooks import PeriodicCheckpointer
 from detectron2.modeling import build_model
 
@@ -22,7 +22,6 @@ from qeeps_d2.checkpoint import (
     QEEPSCheckpointer,
     TORCHVISION_PIXEL_MEAN,
     TORCHVISION_PIXEL_STD,
-    install_qeeps_checkpointer,
 )
 
 _RESNET_KEY = re.compile(r"^(backbone\.(stem|res[2-4])|roi_heads\.res5)\.")
@@ -254,8 +253,8 @@ def test_unrelated_state_dict_is_refused(tmp_path):
         QEEPSCheckpointer(_model()).load(str(tmp_path / "other.pth"))
 
 
-class _TinyTrainer(DefaultTrainer):
-    """DefaultTrainer with no data loader and no event writers: enough to load and save."""
+class _TinyTrainer(Trainer):
+    """The QEEPS Trainer with no data loader and no event writers: enough to load and save."""
 
     @classmethod
     def build_train_loader(cls, cfg):
@@ -264,9 +263,6 @@ class _TinyTrainer(DefaultTrainer):
     def build_writers(self):
         return []
 
-    def __init__(self, cfg):
-        super().__init__(cfg)
-        install_qeeps_checkpointer(self)
 
 
 def test_default_trainer_loads_torchvision_and_resumes(tmp_path):

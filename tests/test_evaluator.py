@@ -1,4 +1,5 @@
-"""PersonSearchEvaluator through Detectron2's inference_on_dataset with a fake model."""
+"""PersonSearchEvaluators (search, proposal recall, detection) through Detectron2's inference_on_dataset
+with a fake model."""
 import gzip
 import json
 import logging
@@ -11,9 +12,9 @@ from detectron2.evaluation import inference_on_dataset
 from detectron2.structures import Boxes, BoxMode, Instances
 
 from qeeps_d2.data.search_protocol import Gallery, Query, SearchProtocol
-from qeeps_d2.evaluation.evaluator import PersonSearchEvaluator
+from qeeps_d2.evaluation.build import PersonSearchEvaluators
 from qeeps_d2.evaluation.results_file import read_results
-from qeeps_d2.evaluation.search_inputs import build_search_records
+from qeeps_d2.data.search_inputs import build_search_records
 
 DATASET = "qeeps_evaluator_toy_test"  # registered here for the detection ground truth
 BIG = [0.0, 0.0, 100.0, 200.0]
@@ -106,7 +107,7 @@ def _run(mode, tmp_path, query_indices=None, skip=()):
     records = build_search_records(protocol, mode, query_indices)
     records = [r for r in records if r["image_id"] not in skip]
     batches = [records[i : i + 2] for i in range(0, len(records), 2)]  # a list works as a loader
-    evaluator = PersonSearchEvaluator(
+    evaluator = PersonSearchEvaluators(
         DATASET, protocol, output_dir=str(tmp_path), query_indices=query_indices
     )
     return inference_on_dataset(FakeModel(), batches, evaluator)
@@ -154,7 +155,7 @@ def test_pairs_mode_hand_computed(tmp_path):
 
 
 def test_partial_evaluation_is_labelled(tmp_path, caplog):
-    with caplog.at_level(logging.INFO, logger="qeeps_d2.evaluation.evaluator"):
+    with caplog.at_level(logging.INFO, logger="qeeps_d2.evaluation"):
         results = _run("pairs", tmp_path, query_indices=[1])
     assert results["person_search"]["partial"] is True
     assert results["person_search"]["num_queries"] == 1
@@ -163,7 +164,7 @@ def test_partial_evaluation_is_labelled(tmp_path, caplog):
 
 
 def test_missing_gallery_output_counts_as_no_detection_and_warns(tmp_path, caplog):
-    with caplog.at_level(logging.WARNING, logger="qeeps_d2.evaluation.evaluator"):
+    with caplog.at_level(logging.WARNING, logger="qeeps_d2.evaluation"):
         results = _run("agnostic", tmp_path, skip=("c.jpg",))
     # q1 loses its c.jpg target: b 1.0 (TP), 0.96 -> AP 1 * recall 1/2
     assert results["person_search"]["mAP"] == pytest.approx(100 * (1 + 0.5) / 2)
@@ -214,8 +215,8 @@ def test_real_model_and_loader_agree_with_qeeps_eval(guided, tmp_path, monkeypat
     cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.0
     protocol = load_test_protocol(cfg, "cuhk_sysu_test")
     loader = build_person_search_test_loader(cfg, "cuhk_sysu_test", protocol)
-    evaluator = PersonSearchEvaluator("cuhk_sysu_test", protocol, str(tmp_path), det_thresh=0.0)
-    with caplog.at_level(logging.WARNING, logger="qeeps_d2.evaluation.evaluator"):
+    evaluator = PersonSearchEvaluators("cuhk_sysu_test", protocol, str(tmp_path), det_thresh=0.0)
+    with caplog.at_level(logging.WARNING, logger="qeeps_d2.evaluation"):
         results = inference_on_dataset(build_model(cfg), loader, evaluator)
     assert "no model output" not in caplog.text and "no query embedding" not in caplog.text
     assert ("detection" in results) != guided
@@ -263,18 +264,18 @@ def test_detector_recall_of_proposals(mode, tmp_path):
     plain proposals cover c only; agnostic: a and c (IoU 0.5 counts) are covered, b is not."""
     protocol = _protocol()
     records = build_search_records(protocol, mode)
-    evaluator = PersonSearchEvaluator(DATASET, protocol, output_dir=None)
-    ps = inference_on_dataset(FakeModelWithProposals(), [records], evaluator)["person_search"]
-    assert ps["proposal_recall"] == pytest.approx(100 * 2 / 3)
+    evaluator = PersonSearchEvaluators(DATASET, protocol, output_dir=None)
+    recall = inference_on_dataset(FakeModelWithProposals(), [records],
+                                  evaluator)["proposal_recall"]
+    assert recall["recall"] == pytest.approx(100 * 2 / 3)
     if mode == "pairs":
-        assert ps["plain_proposal_recall"] == pytest.approx(100 / 3)
+        assert recall["plain_recall"] == pytest.approx(100 / 3)
     else:
-        assert "plain_proposal_recall" not in ps
+        assert "plain_recall" not in recall
 
 
 def test_no_recall_without_proposals(tmp_path):
-    ps = _run("pairs", tmp_path)["person_search"]
-    assert "proposal_recall" not in ps and "plain_proposal_recall" not in ps
+    assert "proposal_recall" not in _run("pairs", tmp_path)
 
 
 def test_metrics_file_holds_the_returned_metrics(tmp_path):

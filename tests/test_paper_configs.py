@@ -7,7 +7,7 @@ import pytest
 
 import dataset_fixtures
 from qeeps_d2.engine import setup_cfg
-from qeeps_d2.engine.trainer import num_train_records
+from qeeps_d2.data.build import build_train_records
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GUIDED = sorted(
@@ -36,7 +36,7 @@ def test_query_guided_paper_config_one_pair_per_step(config, datasets_root, monk
     cfg = setup_cfg(config, opts)  # resolves SOLVER.EPOCHS over the training pairs
     assert cfg.SOLVER.IMS_PER_BATCH == 1 and cfg.SOLVER.BASE_LR == 0.001
     assert cfg.DATALOADER.PAIRS.QUERY_BOX_JITTER == 0.1
-    pairs = num_train_records(cfg)
+    pairs = len(build_train_records(cfg))
     assert pairs > 1
     assert (cfg.SOLVER.EPOCHS, cfg.SOLVER.MAX_ITER, cfg.SOLVER.STEPS) == (2, 2 * pairs, (pairs,))
 

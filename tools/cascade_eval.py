@@ -35,12 +35,8 @@ from detectron2.evaluation import inference_on_dataset
 from detectron2.utils.logger import setup_logger
 
 from qeeps_d2.checkpoint import QEEPSCheckpointer
-from qeeps_d2.data.build import (
-    build_person_search_test_loader,
-    evaluated_queries,
-    load_test_protocol,
-    uses_pairs,
-)
+from qeeps_d2.config import is_query_guided
+from qeeps_d2.data.build import build_person_search_test_loader, evaluated_queries, load_test_protocol
 from qeeps_d2.engine import Trainer, setup_cfg
 from qeeps_d2.evaluation.cascade import cascade_rows, protocol_costs
 from qeeps_d2.evaluation.results_file import read_results, validate_against_protocol
@@ -76,7 +72,7 @@ class _Runner:
         self.opts = list(args.opts) + ["MODEL.WEIGHTS", args.weights,
                                        "TEST.PERSON_SEARCH.MAX_QUERIES", str(args.max_queries)]
         cfg = self.cfg()
-        if not uses_pairs(cfg):
+        if not is_query_guided(cfg):
             raise UsageError(f"--config {args.config}: not a query-guided model (QSSE, QRPN and "
                              "QSimNet are off); its evaluation already runs each image once")
         self.dataset = cfg.DATASETS.TEST[0]

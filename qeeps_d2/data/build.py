@@ -1,30 +1,27 @@
-"""Train and test data loaders for person search, built from a config."""
+"""Training records and the test loader of a config."""
 from __future__ import annotations
 
 import logging
 import os
+import weakref
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch.utils.data as torchdata
 
-from detectron2.data import (
-    DatasetCatalog,
-    DatasetFromList,
-    MapDataset,
-    build_detection_train_loader,
-    get_detection_dataset_dicts,
-)
+from detectron2.data import DatasetCatalog, DatasetFromList, MapDataset, get_detection_dataset_dicts
 from detectron2.data.build import trivial_batch_collator
 
+from ..config import is_query_guided
+from .dataset_dicts import detection_ground_truth
 from .mapper import PersonSearchMapper
 from .pairs import build_pair_records
+from .search_inputs import build_search_records
 from .size_batching import SizeGroupedInferenceBatchSampler, record_size_key
 
 __all__ = [
-    "uses_pairs",
-    "cascade_topk",
-    "build_person_search_train_loader",
+    "train_image_records",
+    "build_train_records",
     "build_person_search_test_loader",
     "gallery_gt_boxes",
     "load_test_protocol",
@@ -33,36 +30,41 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-
-def uses_pairs(cfg) -> bool:
-    """Whether the model is query-guided (trained on pairs, searched pair by pair)."""
-    q = cfg.MODEL.QEEPS
-    return q.QSSE.ENABLED or q.QRPN.ENABLED or q.QSIMNET.ENABLED
+# cfg object -> its training records, built once per config (epoch schedule, loader, OIM table
+# initialisation all ask); an entry goes with its config
+_RECORDS: Dict[int, Tuple[weakref.ref, Dict[str, List[Dict]]]] = {}
 
 
-def cascade_topk(cfg) -> int:
-    """Shortlist length K of cascade evaluation (TEST.PERSON_SEARCH.CASCADE_TOPK) for a
-    query-guided model; 0 = exhaustive pair evaluation (always 0 for query-agnostic models)."""
-    k = cfg.TEST.PERSON_SEARCH.CASCADE_TOPK
-    if k < 0:
-        raise ValueError(f"TEST.PERSON_SEARCH.CASCADE_TOPK must be >= 0, got {k}")
-    if k and not uses_pairs(cfg):
-        logger.warning("TEST.PERSON_SEARCH.CASCADE_TOPK %d ignored: the model is query-agnostic "
-                       "(it already runs each gallery image once)", k)
-        return 0
-    return k
+def _records_of(cfg) -> Dict[str, List[Dict]]:
+    key = id(cfg)
+    entry = _RECORDS.get(key)
+    if entry is None or entry[0]() is not cfg:
+        entry = (weakref.ref(cfg, lambda _, key=key: _RECORDS.pop(key, None)), {})
+        _RECORDS[key] = entry
+    return entry[1]
 
 
-def build_person_search_train_loader(cfg):
-    """Scene images with person ids (OIM baseline) or query-gallery pairs (query-guided)."""
-    dicts = get_detection_dataset_dicts(cfg.DATASETS.TRAIN, filter_empty=True)
-    if uses_pairs(cfg):
-        dicts = build_pair_records(
-            dicts, cfg.DATALOADER.PAIRS.GALLERIES_PER_QUERY, seed=cfg.SEED if cfg.SEED >= 0 else 0
+def train_image_records(cfg) -> List[Dict]:
+    """The training scene images that hold persons (Detectron2 dataset dicts of
+    ``DATASETS.TRAIN``), built once per config object."""
+    cache = _records_of(cfg)
+    if "images" not in cache:
+        cache["images"] = get_detection_dataset_dicts(cfg.DATASETS.TRAIN, filter_empty=True)
+    return cache["images"]
+
+
+def build_train_records(cfg) -> List[Dict]:
+    """The training records, built once per config object: the scene images (OIM baseline) or
+    the query-gallery pairs built from them (query-guided models, :mod:`.pairs`)."""
+    cache = _records_of(cfg)
+    if "train" not in cache:
+        images = train_image_records(cfg)
+        cache["train"] = (
+            build_pair_records(images, cfg.DATALOADER.PAIRS.GALLERIES_PER_QUERY,
+                               seed=cfg.SEED if cfg.SEED >= 0 else 0)
+            if is_query_guided(cfg) else images
         )
-    return build_detection_train_loader(
-        cfg, mapper=PersonSearchMapper(cfg, is_train=True), dataset=dicts
-    )
+    return cache["train"]
 
 
 def load_test_protocol(cfg, dataset_name: str):
@@ -99,8 +101,6 @@ def gallery_gt_boxes(dataset_name: str, images) -> Dict[str, np.ndarray]:
     Raises:
         ValueError: an image the data set's dicts do not hold (its boxes are unknown).
     """
-    from qeeps_d2.evaluation.detection_metrics import detection_ground_truth
-
     wanted = set(images)
     ground_truth = detection_ground_truth(DatasetCatalog.get(dataset_name), wanted)
     missing = sorted(wanted - set(ground_truth))
@@ -119,7 +119,7 @@ def build_person_search_test_loader(
     resize (:mod:`qeeps_d2.data.size_batching`: results do not depend on batch composition).
 
     Args:
-        mode: ``"agnostic"`` or ``"pairs"``; None = the model's own (``uses_pairs``). The
+        mode: ``"agnostic"`` or ``"pairs"``; None = the model's own (``is_query_guided``). The
             cascade's first stage asks for ``"agnostic"`` with a query-guided model.
         shortlist: pairs only: query index -> the gallery images to pair it with (the
             cascade's second stage); None = whole galleries.
@@ -127,10 +127,8 @@ def build_person_search_test_loader(
     With ``TEST.PERSON_SEARCH.USE_GT_BOXES`` every gallery-image and pair record carries its
     image's annotated boxes as ``given_boxes`` (the model scores those instead of detecting).
     """
-    from qeeps_d2.evaluation.search_inputs import build_search_records
-
     protocol = protocol if protocol is not None else load_test_protocol(cfg, dataset_name)
-    mode = mode or ("pairs" if uses_pairs(cfg) else "agnostic")
+    mode = mode or ("pairs" if is_query_guided(cfg) else "agnostic")
     indices = evaluated_queries(cfg, protocol)
     gt_boxes = None
     if cfg.TEST.PERSON_SEARCH.USE_GT_BOXES:

@@ -14,13 +14,14 @@ the reference loaders keep it (Detectron2 clips it when mapping) and counted.
 from __future__ import annotations
 
 import os
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Collection, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-__all__ = ["XYXY_ABS", "UNLABELED", "make_image_dicts"]
+__all__ = ["XYXY_ABS", "XYWH_ABS", "UNLABELED", "make_image_dicts", "detection_ground_truth"]
 
 XYXY_ABS = 0  # detectron2.structures.BoxMode.XYXY_ABS, without importing detectron2
+XYWH_ABS = 1  # BoxMode.XYWH_ABS
 UNLABELED = -1  # person_id of a person without identity
 
 
@@ -74,3 +75,37 @@ def make_image_dicts(file_names: Sequence[str], sizes: np.ndarray, counts: np.nd
                       "height": h, "width": w, "annotations": annotations,
                       **{key: values[i] for key, values in extra.items()}})
     return dicts, past_border
+
+
+def detection_ground_truth(
+    dataset_dicts: Iterable[Mapping], images: Collection[str]
+) -> Dict[str, Tuple[np.ndarray, np.ndarray]]:
+    """Person boxes and ids of some images, from Detectron2 dataset dicts.
+
+    Args:
+        dataset_dicts: dicts with ``image_id`` (image base name) and ``annotations``
+            (``bbox``, ``bbox_mode`` XYXY_ABS or XYWH_ABS, ``person_id``, -1 unlabeled).
+        images: the image names wanted; others are skipped.
+
+    Returns:
+        image name -> ((M, 4) XYXY float64 boxes, (M,) int64 person ids), for the wanted images
+        found in ``dataset_dicts``.
+    """
+    ground_truth = {}
+    for d in dataset_dicts:
+        name = d["image_id"]
+        if name not in images:
+            continue
+        boxes, pids = [], []
+        for a in d.get("annotations", []):
+            box = np.asarray(a["bbox"], dtype=np.float64)
+            if int(a["bbox_mode"]) == XYWH_ABS:
+                box = np.r_[box[:2], box[:2] + box[2:]]
+            elif int(a["bbox_mode"]) != XYXY_ABS:
+                raise ValueError(
+                    f"{name}: unsupported bbox_mode {a['bbox_mode']!r} (XYXY_ABS or XYWH_ABS)"
+                )
+            boxes.append(box)
+            pids.append(int(a.get("person_id", -1)))
+        ground_truth[name] = (np.asarray(boxes).reshape(-1, 4), np.asarray(pids, dtype=np.int64))
+    return ground_truth

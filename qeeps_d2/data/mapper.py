@@ -32,6 +32,8 @@ from detectron2.data import DatasetMapper
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 
+from ..utils.records import record_kind
+
 __all__ = ["PersonSearchMapper", "UNREADABLE_IMAGE_ERRORS", "jitter_box"]
 
 logger = logging.getLogger(__name__)
@@ -155,10 +157,11 @@ class PersonSearchMapper(DatasetMapper):
         record["image"] = _to_tensor(aug_input.image)
         image_shape = aug_input.image.shape[:2]
 
-        if "query_file_name" in record:
+        kind = record_kind(record)
+        if kind == "pair":
             flipped = any(isinstance(t, T.HFlipTransform) for t in transforms.transforms)
             self._map_query_image(record, flipped)
-        elif "query_box" in record:
+        elif kind == "query":
             box = _check_box(record["query_box"], width, height, record["file_name"])
             record["query_box"] = torch.as_tensor(transforms.apply_box(box[None])[0]).float()
         if "given_boxes" in record:

@@ -28,6 +28,8 @@ from detectron2.data.transforms import ResizeShortestEdge
 from detectron2.utils import comm
 from torch.utils.data import Sampler
 
+from ..utils.records import record_kind
+
 __all__ = [
     "resized_test_shape",
     "record_size_key",
@@ -49,17 +51,18 @@ def record_size_key(record: Mapping, min_size: int, max_size: int) -> Tuple:
     """What must be equal for two test records to share a forward pass.
 
     Args:
-        record: a test record (see :mod:`qeeps_d2.evaluation.search_inputs`) with ``height`` /
+        record: a test record (see :mod:`qeeps_d2.data.search_inputs`) with ``height`` /
             ``width`` (and, for a pair, ``query_height`` / ``query_width``), original pixels.
     Returns:
         ``("gallery", (h, w))``, ``("query", (h, w))`` or ``("pair", (h, w), (hq, wq))``, sizes
         after the test resize.
     """
     shape = resized_test_shape(record["height"], record["width"], min_size, max_size)
-    if "query_file_name" in record:
+    kind = record_kind(record)
+    if kind == "pair":
         query = resized_test_shape(record["query_height"], record["query_width"], min_size, max_size)
-        return ("pair", shape, query)
-    return ("query" if "query_box" in record else "gallery", shape)
+        return (kind, shape, query)
+    return (kind, shape)
 
 
 def size_grouped_batches(keys: Sequence[Hashable], batch_size: int) -> List[List[int]]:

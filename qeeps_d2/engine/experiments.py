@@ -58,9 +58,11 @@ def run_config(config: str, gallery_sizes: Sequence[int], opts: Sequence[str] = 
     run), recall / plain_recall (detector recall in percent, None if not reported),
     ``mAP@<size>`` / ``top1@<size>`` (percent), num_queries, results (path of the results file).
     """
+    from qeeps_d2.config import cascade_topk
     from qeeps_d2.data.catalog import load_protocol
     from qeeps_d2.engine.trainer import setup_cfg
     from qeeps_d2.evaluation.results_file import read_results
+    from qeeps_d2.evaluation.search_evaluator import GT_BOXES_SUFFIX
     from qeeps_d2.evaluation.search_metrics import score_search
 
     sizes = sorted(gallery_sizes)
@@ -81,10 +83,7 @@ def run_config(config: str, gallery_sizes: Sequence[int], opts: Sequence[str] = 
         timing["train_s"] = _train_net(
             ["--config-file", config, *resume, *opts, "DATASETS.TEST", "()"], log, echo)
     dataset = cfg.DATASETS.TEST[0]
-    from qeeps_d2.data.build import uses_pairs
-
-    cascade = cfg.TEST.PERSON_SEARCH.CASCADE_TOPK if uses_pairs(cfg) else 0
-    from qeeps_d2.evaluation.evaluator import GT_BOXES_SUFFIX, GT_BOXES_TASK
+    cascade = cascade_topk(cfg)
 
     gt_boxes = cfg.TEST.PERSON_SEARCH.USE_GT_BOXES
     eval_dir = os.path.join(out, eval_dir_name(sizes[-1], cascade, gt_boxes))
@@ -99,7 +98,8 @@ def run_config(config: str, gallery_sizes: Sequence[int], opts: Sequence[str] = 
     with open(timing_path, "w") as f:
         json.dump(timing, f)
     with open(metrics_path) as f:
-        metrics = json.load(f)[GT_BOXES_TASK if gt_boxes else "person_search"]
+        saved = json.load(f)
+    recall = saved.get("proposal_recall", {})
     results_path = os.path.join(eval_dir, "inference", f"{dataset}{suffix}_results.json.gz")
     detections = read_results(results_path).detections_by_query()
     largest = load_protocol(dataset, sizes[-1])
@@ -107,7 +107,7 @@ def run_config(config: str, gallery_sizes: Sequence[int], opts: Sequence[str] = 
         iters = re.search(r"^  MAX_ITER: (\d+)", f.read(), re.M)
     row = {"config": os.path.relpath(config, REPO), "output_dir": out,
            "iters": int(iters.group(1)) if iters else cfg.SOLVER.MAX_ITER, **timing,
-           "recall": metrics.get("proposal_recall"), "plain_recall": metrics.get("plain_proposal_recall"),
+           "recall": recall.get("recall"), "plain_recall": recall.get("plain_recall"),
            "num_queries": len(detections), "results": results_path, "cascade_topk": cascade,
            "gt_boxes": gt_boxes}
     for size in sizes:

@@ -121,13 +121,14 @@ def check_train_net_inputs(config_file: str, opts: Sequence[str], eval_only: boo
             weight of the model, or, with ``eval_only``, that miss or add any key the model
             uses at inference (one line naming the file and the groups of keys).
     """
-    from qeeps_d2.engine.trainer import load_test_protocol, setup_cfg, train_records
+    from qeeps_d2.data.build import build_train_records, load_test_protocol
+    from qeeps_d2.engine.trainer import setup_cfg
 
     cfg = _check_config(config_file, opts)
     _check_dataset_names(cfg, eval_only)
     cfg = setup_cfg(config_file, opts, resolve_schedule=False)
     if not eval_only:
-        train_records(cfg)
+        build_train_records(cfg)
     for name in cfg.DATASETS.TEST:
         if name in DATASET_NAMES:
             load_test_protocol(cfg, name)

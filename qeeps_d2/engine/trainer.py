@@ -2,36 +2,36 @@
 from __future__ import annotations
 
 import logging
-import os
 import re
+import weakref
 from typing import List, Sequence
 
 import torch
 
 from detectron2.config import get_cfg
-from detectron2.data import get_detection_dataset_dicts
 from detectron2.engine import DefaultTrainer, default_setup
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 from detectron2.utils import comm
 
-from qeeps_d2.checkpoint import install_qeeps_checkpointer
-from qeeps_d2.config import add_qeeps_config, resolve_epoch_schedule
+from qeeps_d2.checkpoint import QEEPSCheckpointer
+from qeeps_d2.config import add_qeeps_config, cascade_topk, resolve_epoch_schedule
 from qeeps_d2.data.build import (
     build_person_search_test_loader,
-    cascade_topk,
-    evaluated_queries,
+    build_train_records,
     load_test_protocol,
-    uses_pairs,
+    train_image_records,
 )
+from qeeps_d2.data.catalog import num_pids
 from qeeps_d2.data.mapper import PersonSearchMapper
-from qeeps_d2.data.pairs import build_pair_records
 from qeeps_d2.data.samplers import ResumableTrainLoader
 from qeeps_d2.engine.hooks import NonFiniteLossCheck, OIMTableInit
 from qeeps_d2.engine.rng_state import get_rng_state, set_rng_state
 from qeeps_d2.engine.run_state import metric_history, resolve_run_seed, restore_metric_history
+from qeeps_d2.evaluation.build import build_person_search_evaluator
+from qeeps_d2.evaluation.cascade_inference import cascade_inference_on_dataset
 from qeeps_d2.utils.atomic_write import remove_stale_temp_files
 
-__all__ = ["Trainer", "setup_cfg", "num_train_records", "train_records"]
+__all__ = ["Trainer", "setup_cfg"]
 
 logger = logging.getLogger(__name__)
 
@@ -78,9 +78,8 @@ class Trainer(DefaultTrainer):
     """
 
     def __init__(self, cfg):
-        super().__init__(cfg)
-        install_qeeps_checkpointer(self)
         self._resumed_metrics = None
+        super().__init__(cfg)
         if comm.is_main_process():
             for path in remove_stale_temp_files(cfg.OUTPUT_DIR):
                 logger.info("Removed %s, left by an interrupted save", path)
@@ -120,23 +119,29 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
-        """Training records (:func:`train_records`) in a resumable, deterministic stream."""
+        """Training records (:func:`~qeeps_d2.data.build.build_train_records`) in a resumable,
+        deterministic stream."""
         seed = cfg.SEED if cfg.SEED >= 0 else comm.shared_random_seed()
         return ResumableTrainLoader(
-            train_records(cfg), PersonSearchMapper(cfg, is_train=True),
+            build_train_records(cfg), PersonSearchMapper(cfg, is_train=True),
             cfg.SOLVER.IMS_PER_BATCH, seed, num_workers=cfg.DATALOADER.NUM_WORKERS,
             group_by_aspect=cfg.DATALOADER.ASPECT_RATIO_GROUPING,
             rank=comm.get_rank(), world_size=comm.get_world_size(),
         )
 
     def build_hooks(self):
+        """The QEEPS checkpointer (set here, before Detectron2's hooks that use it: torchvision
+        weights, safe loading, atomic saves), the non-finite loss check and the OIM table
+        initialisation, then Detectron2's hooks."""
+        self.checkpointer = QEEPSCheckpointer(
+            self.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
         hooks = [NonFiniteLossCheck()]
         lut_init = self.cfg.MODEL.QEEPS.OIM.LUT_INIT
         if lut_init not in ("zeros", "weights"):
             raise ValueError(f'MODEL.QEEPS.OIM.LUT_INIT must be "zeros" or "weights", got {lut_init!r}')
         if lut_init == "weights":
-            records = get_detection_dataset_dicts(self.cfg.DATASETS.TRAIN, filter_empty=True)
-            hooks.append(OIMTableInit(records, PersonSearchMapper(self.cfg, is_train=False)))
+            hooks.append(OIMTableInit(train_image_records(self.cfg),
+                                      PersonSearchMapper(self.cfg, is_train=False)))
         return hooks + super().build_hooks()
 
     def state_dict(self):
@@ -179,18 +184,7 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
-        from qeeps_d2.evaluation.evaluator import PersonSearchEvaluator
-
-        protocol = load_test_protocol(cfg, dataset_name)
-        return PersonSearchEvaluator(
-            dataset_name,
-            protocol,
-            output_dir=output_folder or os.path.join(cfg.OUTPUT_DIR, "inference"),
-            det_thresh=cfg.TEST.PERSON_SEARCH.DET_THRESH,
-            query_indices=evaluated_queries(cfg, protocol),
-            cascade_topk=cascade_topk(cfg),
-            use_gt_boxes=cfg.TEST.PERSON_SEARCH.USE_GT_BOXES,
-        )
+        return build_person_search_evaluator(cfg, dataset_name, output_folder)
 
     @classmethod
     def test(cls, cfg, model, evaluators=None):
@@ -202,9 +196,6 @@ class Trainer(DefaultTrainer):
         from functools import partial
 
         from detectron2.evaluation import print_csv_format
-        from detectron2.utils import comm
-
-        from qeeps_d2.evaluation.evaluator import cascade_inference_on_dataset
 
         results = {}
         for idx, name in enumerate(cfg.DATASETS.TEST):
@@ -215,27 +206,13 @@ class Trainer(DefaultTrainer):
                 build_person_search_test_loader(cfg, name, protocol, mode="agnostic"),
                 partial(build_person_search_test_loader, cfg, name, protocol, "pairs"),
                 evaluator,
+                evaluator.cascade,
             )
             if comm.is_main_process():
                 logger.info("Evaluation results for %s (cascade top-%d) in csv format:", name,
                             cascade_topk(cfg))
                 print_csv_format(results[name])
         return results[cfg.DATASETS.TEST[0]] if len(results) == 1 else results
-
-
-def train_records(cfg):
-    """The training records: images with persons (OIM) or query-gallery pairs (query-guided)."""
-    dicts = get_detection_dataset_dicts(cfg.DATASETS.TRAIN, filter_empty=True)
-    if uses_pairs(cfg):
-        return build_pair_records(
-            dicts, cfg.DATALOADER.PAIRS.GALLERIES_PER_QUERY, seed=cfg.SEED if cfg.SEED >= 0 else 0
-        )
-    return dicts
-
-
-def num_train_records(cfg) -> int:
-    """Training records per epoch: images (OIM) or query-gallery pairs (query-guided)."""
-    return len(train_records(cfg))
 
 
 def _command_line_iterations_win(cfg, opts) -> None:
@@ -262,7 +239,9 @@ def setup_cfg(config_file: str, opts=(), args=None, resolve_schedule: bool = Tru
     """get_cfg + add_qeeps_config + file + overrides, device fallback, epoch schedule, freeze.
 
     With ``args`` (from ``default_argument_parser``) also runs Detectron2's ``default_setup``
-    (output dir, logging, environment dump, seeding); for training, ``SEED -1`` is first
+    (output dir, logging, environment dump, seeding). ``MODEL.QEEPS.OIM.NUM_PIDS`` 0 becomes the
+    training set's number of identities (the model is sized from the config alone). For
+    training, ``SEED -1`` is first
     replaced by the run's seed (:func:`~qeeps_d2.engine.run_state.resolve_run_seed`: drawn and
     stored in ``OUTPUT_DIR``, reused by ``--resume``). ``resolve_schedule`` turns
     ``SOLVER.EPOCHS`` into iterations, which reads the training data set (skipped for
@@ -279,8 +258,14 @@ def setup_cfg(config_file: str, opts=(), args=None, resolve_schedule: bool = Tru
     training = not (args is not None and args.eval_only)
     if args is not None and training and cfg.SEED < 0:
         cfg.SEED = resolve_run_seed(cfg.OUTPUT_DIR, args.resume)
+    if cfg.MODEL.QEEPS.OIM.NUM_PIDS <= 0 and cfg.DATASETS.TRAIN:
+        try:
+            cfg.MODEL.QEEPS.OIM.NUM_PIDS = num_pids(cfg.DATASETS.TRAIN[0])
+        except (OSError, ValueError, KeyError) as e:  # building a model will say it is unsized
+            logger.warning("MODEL.QEEPS.OIM.NUM_PIDS left at 0: the identities of %s cannot be "
+                           "counted (%s)", cfg.DATASETS.TRAIN[0], e)
     if resolve_schedule and training:
-        resolve_epoch_schedule(cfg, num_train_records(cfg))
+        resolve_epoch_schedule(cfg, len(build_train_records(cfg)))
     cfg.freeze()
     if args is not None:
         default_setup(cfg, args)

@@ -22,8 +22,9 @@ import sys
 from typing import Dict, List, Optional, Sequence
 
 from ..data.catalog import DATASET_NAMES, load_dataset_dicts, load_protocol
+from ..data.dataset_dicts import detection_ground_truth
 from ..data.search_protocol import SearchProtocol
-from .detection_metrics import detection_ground_truth, evaluate_detections
+from .detection_metrics import evaluate_detections
 from .results_file import SearchResults, read_results, validate_against_protocol
 from .search_metrics import TOP_K, SearchScores, score_search
 from ..utils.cli import ArgumentParser, UsageError, run_cli

@@ -16,52 +16,14 @@ as the reference does.
 """
 from __future__ import annotations
 
-from typing import Collection, Dict, Iterable, Mapping, Tuple
+from typing import Dict, Mapping, Tuple
 
 import numpy as np
 
 from .average_precision import average_precision
 from .box_iou import box_iou
 
-__all__ = ["evaluate_detections", "detection_ground_truth"]
-
-# Detectron2 BoxMode values (kept as ints so that this module stays numpy-only).
-_XYXY_ABS, _XYWH_ABS = 0, 1
-
-
-def detection_ground_truth(
-    dataset_dicts: Iterable[Mapping], images: Collection[str]
-) -> Dict[str, Tuple[np.ndarray, np.ndarray]]:
-    """Person boxes and ids of some images, from Detectron2 dataset dicts.
-
-    Args:
-        dataset_dicts: dicts with ``image_id`` (image base name) and ``annotations``
-            (``bbox``, ``bbox_mode`` XYXY_ABS or XYWH_ABS, ``person_id``, -1 unlabeled).
-        images: the image names wanted; others are skipped.
-
-    Returns:
-        image name -> ((M, 4) XYXY float64 boxes, (M,) int64 person ids), for the wanted images
-        found in ``dataset_dicts``.
-    """
-    ground_truth = {}
-    for d in dataset_dicts:
-        name = d["image_id"]
-        if name not in images:
-            continue
-        boxes, pids = [], []
-        for a in d.get("annotations", []):
-            box = np.asarray(a["bbox"], dtype=np.float64)
-            if int(a["bbox_mode"]) == _XYWH_ABS:
-                box = np.r_[box[:2], box[:2] + box[2:]]
-            elif int(a["bbox_mode"]) != _XYXY_ABS:
-                raise ValueError(
-                    f"{name}: unsupported bbox_mode {a['bbox_mode']!r} (XYXY_ABS or XYWH_ABS)"
-                )
-            boxes.append(box)
-            pids.append(int(a.get("person_id", -1)))
-        ground_truth[name] = (np.asarray(boxes).reshape(-1, 4), np.asarray(pids, dtype=np.int64))
-    return ground_truth
-
+__all__ = ["evaluate_detections"]
 
 def _match_image(gt: np.ndarray, det: np.ndarray, iou_thresh: float) -> np.ndarray:
     """(N,) bool: which of the N detections are true positives against the (M, 4) ground truth."""

@@ -36,6 +36,8 @@ from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN
 from detectron2.structures import Boxes, ImageList, Instances
 from detectron2.utils.events import get_event_storage
 
+from ..config import is_query_guided
+from ..utils.records import record_kind
 from .roi_heads import id_trunk_from_backbone
 
 __all__ = ["QEEPS"]
@@ -46,8 +48,8 @@ class QEEPS(GeneralizedRCNN):
     """Siamese ``GeneralizedRCNN`` with query guidance (see the module docstring)."""
 
     @configurable
-    def __init__(self, *, loss_weights: Dict[str, float], qsse: bool, oim_start_iter: int = 0,
-                 oim_warmup_iters: int = 0, **kwargs):
+    def __init__(self, *, loss_weights: Dict[str, float], qsse: bool, query_guided: bool,
+                 oim_start_iter: int = 0, oim_warmup_iters: int = 0, **kwargs):
         super().__init__(**kwargs)
         if hasattr(self.roi_heads, "attach_trunk"):  # the identity path may continue in it
             self.roi_heads.attach_trunk(self.backbone)
@@ -56,6 +58,8 @@ class QEEPS(GeneralizedRCNN):
                     functools.partial(id_trunk_from_backbone, list(self.roi_heads.id_trunk)))
         self.loss_weights = dict(loss_weights)
         self.qsse = qsse
+        # any query-guidance block on (qeeps_d2.config.is_query_guided): searches pair by pair
+        self.query_guided = query_guided
         self.oim_start_iter = oim_start_iter
         self.oim_warmup_iters = oim_warmup_iters
 
@@ -64,18 +68,10 @@ class QEEPS(GeneralizedRCNN):
         ret = super().from_config(cfg)
         ret["loss_weights"] = {k.lower(): float(v) for k, v in cfg.MODEL.QEEPS.LOSS_WEIGHTS.items()}
         ret["qsse"] = cfg.MODEL.QEEPS.QSSE.ENABLED
+        ret["query_guided"] = is_query_guided(cfg)
         ret["oim_start_iter"] = cfg.MODEL.QEEPS.OIM.LOSS_START_ITER
         ret["oim_warmup_iters"] = cfg.MODEL.QEEPS.OIM.LOSS_WARMUP_ITERS
         return ret
-
-    @property
-    def query_guided(self) -> bool:
-        """True when any query-guidance block is on: the model then searches in pair mode."""
-        return (
-            self.qsse
-            or getattr(self.proposal_generator, "enabled", False)
-            or getattr(self.roi_heads, "qsimnet", None) is not None
-        )
 
     # ------------------------------------------------------------------ helpers
     def _normalize(self, images: List[torch.Tensor]) -> List[torch.Tensor]:
@@ -138,7 +134,7 @@ class QEEPS(GeneralizedRCNN):
         if not self.training:
             return self.inference(batched_inputs)
         gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
-        if "query_image" in batched_inputs[0]:
+        if record_kind(batched_inputs[0]) == "pair":
             images, features, query_feats, query_boxes = self._siamese_features(batched_inputs)
             # as at test time: running BatchNorm statistics, left unchanged (see embed_boxes)
             query_embeds = self.roi_heads.embed_boxes(query_feats, query_boxes)
@@ -164,8 +160,7 @@ class QEEPS(GeneralizedRCNN):
         """Dispatch each input by kind (gallery image, query box, pair); outputs keep the order."""
         if detected_instances is not None:
             raise NotImplementedError("QEEPS does not support detected_instances")
-        kinds = ["pair" if "query_image" in x else "query" if "query_box" in x else "gallery"
-                 for x in batched_inputs]
+        kinds = [record_kind(x) for x in batched_inputs]
         kinds = [k + "_given" if k != "query" and "given_boxes" in x else k
                  for k, x in zip(kinds, batched_inputs)]
         outputs: List[Dict] = [None] * len(batched_inputs)
@@ -224,7 +219,7 @@ class QEEPS(GeneralizedRCNN):
 
     def _infer_given_boxes(self, batched_inputs, do_postprocess=True):
         """Gallery images (or pairs, all of one kind) scored on their ``given_boxes``."""
-        if "query_image" in batched_inputs[0]:
+        if record_kind(batched_inputs[0]) == "pair":
             images, features, query_feats, query_boxes = self._siamese_features(
                 batched_inputs, share_queries=not self.qsse
             )

@@ -159,11 +159,9 @@ class QEEPSROIHeads(Res5ROIHeads):
         channels = cfg.MODEL.RESNETS.RES2_OUT_CHANNELS * 8  # res5 output
         num_pids = q.OIM.NUM_PIDS
         if num_pids <= 0:
-            from qeeps_d2.data.catalog import num_pids as dataset_num_pids
-
-            if not cfg.DATASETS.TRAIN:
-                raise ValueError("MODEL.QEEPS.OIM.NUM_PIDS is 0 and DATASETS.TRAIN is empty")
-            num_pids = dataset_num_pids(cfg.DATASETS.TRAIN[0])
+            raise ValueError("MODEL.QEEPS.OIM.NUM_PIDS must be > 0: set it, or build the config "
+                             "with qeeps_d2.engine.setup_cfg, which counts the identities of "
+                             "DATASETS.TRAIN (their files must be readable)")
         ret.update(
             reid_head=ReIDHead(channels, q.EMBED_DIM),
             oim_loss=OIMLoss(

@@ -1,6 +1,6 @@
 """``PersonSearcher``: find the person of a query box in a stream of gallery frames.
 
-Search modes, chosen by the config (``qeeps_d2.data.build.uses_pairs``) and ``search``:
+Search modes, chosen by the config (``qeeps_d2.config.is_query_guided``) and ``search``:
 
 - query-agnostic model (the OIM baseline): the query box is embedded once, every gallery frame is
   run once (detections with L2-normalised embeddings), similarity = ``pred_embeds @ query_embed``;
@@ -42,7 +42,7 @@ from detectron2.data import detection_utils as utils
 from detectron2.modeling import build_model
 
 from ..checkpoint import QEEPSCheckpointer
-from ..data.build import uses_pairs
+from ..config import is_query_guided
 from ..data.mapper import PersonSearchMapper
 from ..data.size_batching import group_by_shape
 from ..engine.trainer import setup_cfg
@@ -180,12 +180,12 @@ class PersonSearcher:
         """
         Args:
             cfg: the model's (frozen) config; gives the input resizing and format,
-                ``TEST.PERSON_SEARCH.DET_THRESH`` and the search mode (``uses_pairs``).
+                ``TEST.PERSON_SEARCH.DET_THRESH`` and the search mode (``is_query_guided``).
             model: a built ``QEEPS`` model with its weights loaded (put in eval mode here).
         """
         self.cfg = cfg
         self.model = model.eval()
-        self.query_guided = uses_pairs(cfg)
+        self.query_guided = is_query_guided(cfg)
         self.det_thresh = float(cfg.TEST.PERSON_SEARCH.DET_THRESH)
         self._mapper = _ArrayMapper(cfg, is_train=False)
 
