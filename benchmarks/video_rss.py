@@ -8,17 +8,24 @@ into ``--workdir`` (default ``/tmp/qeeps_video_rss``, not the repository), then 
 ``qeeps-search`` on each video in its own process, sampling that process's RSS
 (``/proc/self/status`` VmRSS) twice a second, and prints per video: frames, wall time, peak RSS
 (``getrusage``), RSS after a quarter of the run and at the end. With streamed frames the peak
-does not grow with the video's length::
+does not grow with the video's length. With ``--kill-resume`` the longest video is then searched
+again, SIGKILLed at a random moment (30-70% of the uninterrupted run's wall time, seeded) and
+rerun with the same command, which continues from its saved progress; the resumed results must
+equal the uninterrupted run's (same frames searched, same matches)::
 
-    python benchmarks/video_rss.py [--minutes 1 10] [--fps 5] [--size 160 120] [--min-size 64]
+    python benchmarks/video_rss.py [--minutes 1 10 60] [--fps 5] [--size 160 120] [--min-size 64]
+        [--kill-resume] [--seed 0]
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 
@@ -98,6 +105,9 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--min-size", type=int, default=None,
                    help="model input short side (default: the frames' own, no resize)")
+    p.add_argument("--kill-resume", action="store_true",
+                   help="also kill the longest video's search at a random moment and resume it")
+    p.add_argument("--seed", type=int, default=0, help="seed of the kill moment")
     args = p.parse_args(argv)
     os.makedirs(args.workdir, exist_ok=True)
     width, height = args.size
@@ -128,18 +138,59 @@ def main(argv=None) -> int:
         result = json.loads(run.stdout.strip().splitlines()[-1])
         with open(os.path.join(out, "results.json")) as f:
             searched = json.load(f)["gallery"]["frames_searched"]
-        rows.append((minutes, frames, searched, result, os.path.getsize(video)))
+        rows.append((minutes, frames, searched, result, os.path.getsize(video), cmd, out))
 
     print(f"qeeps-search RSS, {width}x{height} MJPG at {args.fps:g} fps, SynthPS OIM model "
           f"(random weights, input short side {min_size}), CPU, torch threads "
           f"{__import__('torch').get_num_threads()}")
     print(f"{'video':>7} {'frames':>7} {'searched':>8} {'file MB':>8} {'wall s':>7} "
           f"{'peak RSS MB':>11} {'RSS@25% MB':>10} {'RSS end MB':>10}")
-    for minutes, frames, searched, r, size in rows:
+    for minutes, frames, searched, r, size, _, _ in rows:
         print(f"{minutes:>5g}min {frames:>7} {searched:>8} {size / 2**20:>8.1f} "
               f"{r['wall_s']:>7.1f} {r['peak_kb'] / 1024:>11.1f} {r['quarter_kb'] / 1024:>10.1f} "
               f"{r['end_kb'] / 1024:>10.1f}")
+    if args.kill_resume:
+        return kill_and_resume(max(rows, key=lambda row: row[0]), args.seed)
     return 0
+
+
+def _search_outcome(out: str):
+    with open(os.path.join(out, "results.json")) as f:
+        doc = json.load(f)
+    return doc["gallery"]["frames_searched"], doc["matches"]
+
+
+def kill_and_resume(row, seed: int) -> int:
+    """Run ``row``'s search again into a new folder, SIGKILL it at a random moment, rerun the
+    same command to completion and compare with the uninterrupted run; 0 when equal."""
+    import numpy as np
+
+    minutes, _, _, result, _, cmd, out = row
+    resumed_out = out + "_killed"
+    shutil.rmtree(resumed_out, ignore_errors=True)
+    progress = os.path.join(os.path.dirname(resumed_out), f".{os.path.basename(resumed_out)}.partial")
+    shutil.rmtree(progress, ignore_errors=True)
+    cmd = cmd[:-1] + [resumed_out]
+    delay = float(np.random.default_rng(seed).uniform(0.3, 0.7)) * result["wall_s"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(delay)
+    killed = proc.poll() is None
+    if killed:
+        proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    saved = len(os.listdir(progress)) if os.path.isdir(progress) else 0
+    start = time.perf_counter()
+    run = subprocess.run(cmd, capture_output=True, text=True)
+    resume_s = time.perf_counter() - start
+    if run.returncode != 0:
+        print(run.stderr[-2000:], file=sys.stderr)
+        return 1
+    same = _search_outcome(resumed_out) == _search_outcome(out)
+    print(f"\n{minutes:g}-minute video: search {'SIGKILLed' if killed else 'finished before the kill'} "
+          f"after {delay:.1f} s ({saved} progress file(s) kept), rerun finished in {resume_s:.1f} s "
+          f"(uninterrupted: {result['wall_s']:.1f} s); results "
+          f"{'identical to' if same else 'DIFFERENT from'} the uninterrupted run")
+    return 0 if same and killed else 1
 
 
 if __name__ == "__main__":
