@@ -106,7 +106,7 @@ def add_qeeps_config(cfg):
     # OIM loss (lookup table of labeled identities + circular queue of unlabeled features).
     _C.MODEL.QEEPS.OIM = CN()
     # Size of the lookup table = labeled training identities; 0 = set by setup_cfg from the
-    # first training data set (qeeps_d2.data.catalog.num_pids).
+    # first training data set (qeeps_d2.data.datasets.catalog.num_pids).
     _C.MODEL.QEEPS.OIM.NUM_PIDS = 0
     # Length of the circular queue of unlabeled features.
     _C.MODEL.QEEPS.OIM.QUEUE_SIZE = 5000

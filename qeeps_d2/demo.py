@@ -91,7 +91,7 @@ def _report(out_dir: str, rows: Sequence[Dict], num_queries: int, seed: int = 0)
     """Render the per-query strips of both models and write ``<out_dir>/report.html``."""
     import cv2
 
-    from qeeps_d2.data.catalog import load_protocol
+    from qeeps_d2.data.datasets.catalog import load_protocol
     from qeeps_d2.evaluation.results_file import read_results
     from qeeps_d2.search import Match, match_strip, read_image_bgr, write_html_report
 
@@ -155,7 +155,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     start = time.perf_counter()
 
-    from qeeps_d2.data.catalog import dataset_root
+    from qeeps_d2.data.datasets.catalog import dataset_root
     from qeeps_d2.data.synthps import ensure_synthps, format_synthps_stats, synthps_stats
     from qeeps_d2.engine.experiments import run_config
     from qeeps_d2.engine.pretrain import ensure_pretrained
@@ -194,7 +194,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"\nQEEPS - OIM: mAP {rows[1]['mAP@100'] - rows[0]['mAP@100']:+.1f} pp, top-1 "
           f"{rows[1]['top1@100'] - rows[0]['top1@100']:+.1f} pp at gallery 100 "
           f"({rows[0]['num_queries']} queries)")
-    from qeeps_d2.data.catalog import load_protocol
+    from qeeps_d2.data.datasets.catalog import load_protocol
     from qeeps_d2.evaluation.results_file import read_results
 
     protocol = load_protocol("synthps_test", max(GALLERY_SIZES))

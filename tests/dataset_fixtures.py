@@ -13,7 +13,7 @@ import cv2
 import numpy as np
 import scipy.io
 
-from qeeps_d2.data.cuhk_sysu import write_cuhk_sysu
+from qeeps_d2.data.datasets.cuhk_sysu import write_cuhk_sysu
 
 __all__ = ["make_cuhk_sysu_fixture", "make_prw_fixture"]
 

@@ -6,7 +6,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 
 import dataset_fixtures
 import qeeps_d2.data.synthps
-from qeeps_d2.data import builtin, catalog
+from qeeps_d2.data.datasets import builtin, catalog
 
 NAMES = ("cuhk_sysu_train", "cuhk_sysu_test", "prw_train", "prw_test", "prw_mini_test",
          "synthps_train", "synthps_test")

@@ -8,8 +8,8 @@ import pytest
 import scipy.io
 
 import dataset_fixtures
-from qeeps_d2.data import cuhk_sysu
-from qeeps_d2.data.cuhk_sysu import load_cuhk_sysu, load_cuhk_sysu_protocol, write_cuhk_sysu
+from qeeps_d2.data.datasets import cuhk_sysu
+from qeeps_d2.data.datasets.cuhk_sysu import load_cuhk_sysu, load_cuhk_sysu_protocol, write_cuhk_sysu
 from qeeps_d2.evaluation.cli import main as qeeps_eval
 from qeeps_d2.evaluation.results_file import write_results
 
@@ -115,7 +115,7 @@ def test_writer_rejects_inconsistent_input(tmp_path, change, message):
 
 @pytest.mark.parametrize("split", ["train", "test"])
 def test_split_dicts_match_expectations(cuhk, split, caplog):
-    with caplog.at_level(logging.INFO, logger="qeeps_d2.data.cuhk_sysu"):
+    with caplog.at_level(logging.INFO, logger="qeeps_d2.data.datasets.cuhk_sysu"):
         dicts = load_cuhk_sysu(cuhk["root"], split)
     assert _as_expected(dicts) == cuhk[split]
     assert [d["image_id"] for d in dicts] == list(cuhk[split])  # Images.mat order
@@ -133,7 +133,7 @@ def test_uint16_boxes_are_cast_before_adding_width(cuhk):
 
 
 def test_unmatched_train_box_is_logged_not_labeled(cuhk, caplog):
-    with caplog.at_level(logging.WARNING, logger="qeeps_d2.data.cuhk_sysu"):
+    with caplog.at_level(logging.WARNING, logger="qeeps_d2.data.datasets.cuhk_sysu"):
         dicts = load_cuhk_sysu(cuhk["root"], "train")
     assert "1 labeled boxes match no box" in caplog.text and "s4.jpg" in caplog.text
     pids = [a["person_id"] for d in dicts for a in d["annotations"]]

@@ -54,7 +54,7 @@ def _check_table_numbers(printed, out, with_metrics=True):
     Returns:
         label -> [mAP G50, top-1 G50, mAP G100, top-1 G100] (percent).
     """
-    from qeeps_d2.data.catalog import load_protocol
+    from qeeps_d2.data.datasets.catalog import load_protocol
     from qeeps_d2.evaluation.results_file import read_results
     from qeeps_d2.evaluation.search_metrics import score_search
 
@@ -85,7 +85,7 @@ def _plant_results(out):
     true box and a distractor; OIM ranks the target below every distractor, QEEPS above those
     of G50 images but below those of every other G100-only image: OIM G100 < OIM G50 <
     QEEPS G100 < QEEPS G50."""
-    from qeeps_d2.data.catalog import load_protocol
+    from qeeps_d2.data.datasets.catalog import load_protocol
     from qeeps_d2.evaluation.results_file import read_results, write_results
 
     g50, g100 = load_protocol("synthps_test", 50), load_protocol("synthps_test", 100)

@@ -1,5 +1,8 @@
-"""The Table-1 engine (qeeps_d2.engine.experiments): evaluation folders and table rows."""
-from qeeps_d2.engine.experiments import eval_dir_name, format_table
+"""The Table-1 engine (qeeps_d2.engine.experiments): evaluation folders, iterations from
+metrics.json and table rows."""
+import json
+
+from qeeps_d2.engine.experiments import eval_dir_name, format_table, trained_iterations
 
 
 def test_each_kind_of_evaluation_has_its_own_folder():
@@ -24,3 +27,12 @@ def test_table_labels_cascade_and_ground_truth_box_rows():
     assert lines[2] == "| oim.yaml | 30.0 | 40.0 | 25.1 | 35.0 | 95.0 | 600 | 2.0 | - |"
     assert lines[3].startswith("| oim.yaml, GT boxes | 30.0 |")
     assert lines[4].startswith("| qeeps.yaml (cascade, K=10), GT boxes |")
+
+
+def test_iterations_come_from_detectron2_metrics_json(tmp_path):
+    assert trained_iterations(str(tmp_path)) is None
+    lines = [{"iteration": 19, "total_loss": 3.0}, {"iteration": 39, "total_loss": 2.0},
+             {"iteration": 41, "person_search/mAP": 10.0}]
+    (tmp_path / "metrics.json").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    assert trained_iterations(str(tmp_path)) == 42
+    assert "| - | 2.0 |" in format_table([_row("oim.yaml", iters=None)], [100, 50])

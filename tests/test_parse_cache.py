@@ -9,10 +9,10 @@ import pytest
 import scipy.io
 
 import dataset_fixtures
-from qeeps_d2.data import cuhk_sysu, parse_cache, prw
-from qeeps_d2.data.parse_cache import STRINGS, Array, ArrayList, cached, file_fingerprint
+from qeeps_d2.data.datasets import cuhk_sysu, parse_cache, prw
+from qeeps_d2.data.datasets.parse_cache import STRINGS, Array, ArrayList, cached, file_fingerprint
 
-LOGGER = "qeeps_d2.data.parse_cache"
+LOGGER = "qeeps_d2.data.datasets.parse_cache"
 WARNING = "Ignoring bad cache entry"
 
 

@@ -7,8 +7,8 @@ import pytest
 import scipy.io
 
 import dataset_fixtures
-from qeeps_d2.data import prw
-from qeeps_d2.data.prw import load_prw, load_prw_mini_protocol, load_prw_protocol
+from qeeps_d2.data.datasets import prw
+from qeeps_d2.data.datasets.prw import load_prw, load_prw_mini_protocol, load_prw_protocol
 
 # PRW-mini pids (datasets-and-protocols.md section 4)
 MINI_PIDS = [484, 493, 495, 504, 537, 559, 596, 601, 607, 617, 640, 647, 662, 696, 703, 707, 713,

@@ -8,10 +8,10 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from qeeps_d2.data import synthps
-from qeeps_d2.data.cuhk_sysu import load_cuhk_sysu, load_cuhk_sysu_protocol, num_train_pids
+from qeeps_d2.data.synthps import generator as synthps
+from qeeps_d2.data.datasets.cuhk_sysu import load_cuhk_sysu, load_cuhk_sysu_protocol, num_train_pids
 from qeeps_d2.data.synthps import ensure_synthps, generate_synthps, main, synthps_stats
-from qeeps_d2.data.synthps_render import (
+from qeeps_d2.data.synthps.render import (
     LOOKALIKE_ATTRIBUTES,
     Pose,
     lookalike_variant,

@@ -35,7 +35,7 @@ def main(argv=None) -> int:
     parser.add_argument("--cascade-topk", type=int, default=0, help="passed to qeeps-search")
     args = parser.parse_args(argv)
 
-    from qeeps_d2.data.catalog import image_root, load_protocol
+    from qeeps_d2.data.datasets.catalog import image_root, load_protocol
     from qeeps_d2.evaluation.box_iou import box_iou
 
     protocol = load_protocol("synthps_test", 50)

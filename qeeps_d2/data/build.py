@@ -69,7 +69,7 @@ def build_train_records(cfg) -> List[Dict]:
 
 def load_test_protocol(cfg, dataset_name: str):
     """The data set's search protocol with the config's gallery size / camera setting."""
-    from .catalog import load_protocol
+    from .datasets.catalog import load_protocol
 
     ps = cfg.TEST.PERSON_SEARCH
     return load_protocol(dataset_name, gallery_size=ps.GALLERY_SIZE, cross_camera=ps.CROSS_CAMERA)

@@ -1,11 +1,15 @@
 """Train-if-needed, evaluate and tabulate configs: the engine of ``make demo`` and
 ``tools/ablation.py`` (the paper's Table 1 on any data set).
 
-For each config: train with ``projects/QEEPS/train_net.py`` unless ``OUTPUT_DIR/model_final.pth``
-exists (an interrupted run is resumed from its last checkpoint), evaluate once on the largest
-gallery size, then score every smaller gallery size from the same results file (a query's
-detections in a gallery image do not depend on the gallery size, so this equals a separate run
-when the smaller galleries are subsets of the larger ones, which is checked).
+For each config: train with the installed training command (``python -m
+qeeps_d2.engine.train_cli``, i.e. ``qeeps-train`` / ``projects/QEEPS/train_net.py``, in its own
+process) unless ``OUTPUT_DIR/model_final.pth`` exists (an interrupted run is resumed from its last
+checkpoint), evaluate once on the largest gallery size, then score every smaller gallery size from
+the same results file (a query's detections in a gallery image do not depend on the gallery size,
+so this equals a separate run when the smaller galleries are subsets of the larger ones, which is
+checked). Numbers come from files: the iterations trained from Detectron2's ``metrics.json``, the
+metrics from the evaluator's metrics and results files; the command's output only feeds the
+progress lines passed to ``echo``.
 """
 from __future__ import annotations
 
@@ -17,20 +21,21 @@ import sys
 import time
 from typing import Callable, Dict, List, Optional, Sequence
 
-__all__ = ["run_config", "format_table", "TRAIN_NET"]
+__all__ = ["run_config", "format_table", "TRAIN_COMMAND", "trained_iterations"]
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TRAIN_NET = os.path.join(REPO, "projects", "QEEPS", "train_net.py")
-# progress lines worth echoing from a train_net.py run: training ETA and evaluation ETA
+# the training command, found wherever the package is installed
+TRAIN_COMMAND = [sys.executable, "-m", "qeeps_d2.engine.train_cli"]
+# progress lines worth echoing from a training run (display only): training and evaluation ETA
 _PROGRESS = re.compile(r"(eta: \S+\s+iter: \d+|Inference done \d+/\d+.*ETA=\S+|copypaste: \S.*)")
 
 
 def _train_net(args: Sequence[str], log_path: str, echo: Optional[Callable[[str], None]]) -> float:
-    """Run train_net.py with ``args``; the full output goes to ``log_path``, progress lines to
-    ``echo``. Returns the wall time in seconds; raises RuntimeError on failure."""
+    """Run the training command with ``args``; the full output goes to ``log_path``, progress
+    lines to ``echo``. Returns the wall time in seconds; raises RuntimeError on failure."""
     start = time.perf_counter()
     with open(log_path, "a", buffering=1) as log:  # line-buffered: tail -f works
-        proc = subprocess.Popen([sys.executable, TRAIN_NET, *args], stdout=subprocess.PIPE,
+        proc = subprocess.Popen([*TRAIN_COMMAND, *args], stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, bufsize=1)
         for line in proc.stdout:
             log.write(line)
@@ -39,8 +44,22 @@ def _train_net(args: Sequence[str], log_path: str, echo: Optional[Callable[[str]
                 echo(match.group(1))
         code = proc.wait()
     if code != 0:
-        raise RuntimeError(f"train_net.py {' '.join(args[:2])} failed (exit {code}); see {log_path}")
+        raise RuntimeError(f"qeeps-train {' '.join(args[:2])} failed (exit {code}); see {log_path}")
     return time.perf_counter() - start
+
+
+def trained_iterations(output_dir: str) -> Optional[int]:
+    """Iterations a training run in ``output_dir`` completed, from Detectron2's
+    ``metrics.json`` (its last entry's ``iteration`` + 1); None without one."""
+    path = os.path.join(output_dir, "metrics.json")
+    if not os.path.exists(path):
+        return None
+    last = None
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                last = json.loads(line)
+    return None if last is None else int(last["iteration"]) + 1
 
 
 def eval_dir_name(gallery_size: int, cascade_topk: int = 0, gt_boxes: bool = False) -> str:
@@ -54,12 +73,13 @@ def run_config(config: str, gallery_sizes: Sequence[int], opts: Sequence[str] = 
                echo: Optional[Callable[[str], None]] = print) -> Dict:
     """Train (if needed) and evaluate one config; returns its table row (see module docstring).
 
-    Row keys: config, output_dir, iters, train_s / eval_s (when run here, else from an earlier
-    run), recall / plain_recall (detector recall in percent, None if not reported),
+    Row keys: config, output_dir, iters (from ``metrics.json``; None without one), train_s /
+    eval_s (when run here, else from an earlier run), recall / plain_recall (detector recall in
+    percent, None if not reported),
     ``mAP@<size>`` / ``top1@<size>`` (percent), num_queries, results (path of the results file).
     """
     from qeeps_d2.config import cascade_topk
-    from qeeps_d2.data.catalog import load_protocol
+    from qeeps_d2.data.datasets.catalog import load_protocol
     from qeeps_d2.engine.trainer import setup_cfg
     from qeeps_d2.evaluation.results_file import read_results
     from qeeps_d2.evaluation.search_evaluator import GT_BOXES_SUFFIX
@@ -103,10 +123,8 @@ def run_config(config: str, gallery_sizes: Sequence[int], opts: Sequence[str] = 
     results_path = os.path.join(eval_dir, "inference", f"{dataset}{suffix}_results.json.gz")
     detections = read_results(results_path).detections_by_query()
     largest = load_protocol(dataset, sizes[-1])
-    with open(os.path.join(out, "config.yaml")) as f:
-        iters = re.search(r"^  MAX_ITER: (\d+)", f.read(), re.M)
     row = {"config": os.path.relpath(config, REPO), "output_dir": out,
-           "iters": int(iters.group(1)) if iters else cfg.SOLVER.MAX_ITER, **timing,
+           "iters": trained_iterations(out), **timing,
            "recall": recall.get("recall"), "plain_recall": recall.get("plain_recall"),
            "num_queries": len(detections), "results": results_path, "cascade_topk": cascade,
            "gt_boxes": gt_boxes}
@@ -137,7 +155,7 @@ def format_table(rows: List[Dict], gallery_sizes: Sequence[int]) -> str:
         if r.get("gt_boxes"):
             label += ", GT boxes"
         cells = [label] + [f"{r[f'{m}@{s}']:.1f}" for s in sizes for m in ("mAP", "top1")]
-        cells += [recall, str(r["iters"])]
+        cells += [recall, "-" if r["iters"] is None else str(r["iters"])]
         cells += [f"{r[k] / 60:.1f}" if k in r else "-" for k in ("train_s", "eval_s")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -22,7 +22,7 @@ from detectron2.modeling import build_model
 
 from qeeps_d2.checkpoint import QEEPSCheckpointer, warn_before_unpickling
 from qeeps_d2.config import add_qeeps_config
-from qeeps_d2.data.catalog import DATASET_NAMES
+from qeeps_d2.data.datasets.catalog import DATASET_NAMES
 
 __all__ = ["check_train_net_inputs"]
 

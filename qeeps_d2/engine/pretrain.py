@@ -44,7 +44,7 @@ logger = logging.getLogger("qeeps_d2.pretrain")
 
 def pretrain_root(p) -> str:
     """``$DETECTRON2_DATASETS/synthps_pretrain_s<seed>_<ids>``: the pretraining set's folder."""
-    from qeeps_d2.data.catalog import datasets_root
+    from qeeps_d2.data.datasets.catalog import datasets_root
 
     return os.path.join(datasets_root(), f"synthps_pretrain_s{p.SEED}_{p.NUM_IDS}")
 
@@ -52,7 +52,7 @@ def pretrain_root(p) -> str:
 def _pretrain_records(p) -> List[Dict]:
     """Training dicts of the pretraining SynthPS (``cfg.PRETRAIN`` = ``p``; generated on first
     use, with the default SynthPS look and difficulty; its small test split is not used)."""
-    from qeeps_d2.data.cuhk_sysu import load_cuhk_sysu
+    from qeeps_d2.data.datasets.cuhk_sysu import load_cuhk_sysu
     from qeeps_d2.data.synthps import ensure_synthps
 
     if p.SEED == 0:

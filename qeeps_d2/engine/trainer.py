@@ -21,7 +21,7 @@ from qeeps_d2.data.build import (
     load_test_protocol,
     train_image_records,
 )
-from qeeps_d2.data.catalog import num_pids
+from qeeps_d2.data.datasets.catalog import num_pids
 from qeeps_d2.data.mapper import PersonSearchMapper
 from qeeps_d2.data.samplers import ResumableTrainLoader
 from qeeps_d2.engine.hooks import NonFiniteLossCheck, OIMTableInit

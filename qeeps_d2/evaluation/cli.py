@@ -21,7 +21,7 @@ import json
 import sys
 from typing import Dict, List, Optional, Sequence
 
-from ..data.catalog import DATASET_NAMES, load_dataset_dicts, load_protocol
+from ..data.datasets.catalog import DATASET_NAMES, load_dataset_dicts, load_protocol
 from ..data.dataset_dicts import detection_ground_truth
 from ..data.search_protocol import SearchProtocol
 from .detection_metrics import evaluate_detections

@@ -37,7 +37,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from ..data.catalog import DATASET_NAMES
+from ..data.datasets.catalog import DATASET_NAMES
 from ..data.search_protocol import SearchProtocol
 
 logger = logging.getLogger(__name__)

@@ -1,12 +1,12 @@
 """Registers the built-in person-search data sets with Detectron2 (on import of ``qeeps_d2``).
 
-Every name of :data:`qeeps_d2.data.catalog.DATASET_NAMES` goes into ``DatasetCatalog`` as a lazy
+Every name of :data:`qeeps_d2.data.datasets.catalog.DATASET_NAMES` goes into ``DatasetCatalog`` as a lazy
 loader (nothing is read from disk until ``DatasetCatalog.get``) and into ``MetadataCatalog`` with
 
 * ``thing_classes=["person"]``, ``evaluator_type="person_search"``;
 * ``dataset_root`` and ``image_root``: where the data set is expected, from
   ``$DETECTRON2_DATASETS`` as set at registration time (the loaders themselves read the variable
-  at call time, see :mod:`qeeps_d2.data.catalog`);
+  at call time, see :mod:`qeeps_d2.data.datasets.catalog`);
 * test sets only: ``protocol``, a dict describing what ``catalog.load_protocol(name,
   gallery_size, cross_camera)`` accepts: ``gallery_sizes`` (the possible CUHK-SYSU style sizes,
   empty for PRW), ``default_gallery_size`` and ``cross_camera`` (whether that option applies).

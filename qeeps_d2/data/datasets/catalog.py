@@ -20,8 +20,8 @@ from __future__ import annotations
 import os
 from typing import Dict, List, Tuple
 
+from ..search_protocol import SearchProtocol
 from . import cuhk_sysu, prw
-from .search_protocol import SearchProtocol
 
 __all__ = [
     "DATASET_NAMES",
@@ -74,7 +74,7 @@ def _ready_root(name: str) -> str:
     """The root of ``name``; SynthPS is generated there first if missing."""
     root = dataset_root(name)
     if _family_split(name)[0] == "synthps":
-        from .synthps import ensure_synthps  # lazy: the generator is only needed here
+        from ..synthps import ensure_synthps  # lazy: the generator is only needed here
 
         root = ensure_synthps(root)
     return root

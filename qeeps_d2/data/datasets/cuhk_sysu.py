@@ -27,7 +27,7 @@ Mat fields are read positionally where the reference loaders do (Images.mat, Tra
 records) and by name where the files were verified (TestG ``Query``/``Gallery`` and the query
 fields ``imname, idlocate, ishard, idname``).
 
-Parsed .mat content and image sizes are cached (see :mod:`qeeps_d2.data.parse_cache`).
+Parsed .mat content and image sizes are cached (see :mod:`qeeps_d2.data.datasets.parse_cache`).
 """
 from __future__ import annotations
 
@@ -37,11 +37,11 @@ from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
-from .dataset_dicts import UNLABELED, make_image_dicts
+from ..dataset_dicts import UNLABELED, make_image_dicts
+from ..search_protocol import Gallery, Query, SearchProtocol
 from .image_sizes import read_image_sizes
 from .mat_files import MatLayoutError, read_mat_key, write_mat
 from .parse_cache import STRINGS, Array, cached, file_fingerprint
-from .search_protocol import Gallery, Query, SearchProtocol
 
 __all__ = [
     "GALLERY_SIZES",

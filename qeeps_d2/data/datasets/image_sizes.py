@@ -2,7 +2,7 @@
 
 Detectron2 dataset dicts need ``height``/``width``; decoding 18k JPEGs would take minutes, while
 Pillow's lazy ``Image.open`` reads only the header. The sizes are cached (see
-:mod:`qeeps_d2.data.parse_cache`), keyed by the size and mtime of every image file.
+:mod:`qeeps_d2.data.datasets.parse_cache`), keyed by the size and mtime of every image file.
 """
 from __future__ import annotations
 

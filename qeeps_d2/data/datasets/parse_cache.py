@@ -31,7 +31,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, TypeVar
 
 import numpy as np
 
-from ..utils.atomic_write import write_atomically
+from ...utils.atomic_write import write_atomically
 
 __all__ = ["Array", "ArrayList", "STRINGS", "cached", "file_fingerprint"]
 

@@ -23,7 +23,7 @@ Protocols: the gallery of a query is every test frame except the query frame (wi
 query pid there (the first one if the pid appears twice). PRW-mini uses the same protocol with the
 30 queries shipped in ``qeeps_d2/data/resources/prwmini_query_info.txt``.
 
-Parsed annotations and image sizes are cached (see :mod:`qeeps_d2.data.parse_cache`).
+Parsed annotations and image sizes are cached (see :mod:`qeeps_d2.data.datasets.parse_cache`).
 """
 from __future__ import annotations
 
@@ -35,11 +35,11 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .dataset_dicts import UNLABELED, make_image_dicts
+from ..dataset_dicts import UNLABELED, make_image_dicts
+from ..search_protocol import Gallery, Query, SearchProtocol
 from .image_sizes import read_image_sizes
 from .mat_files import MatLayoutError, read_mat_key
 from .parse_cache import Array, ArrayList, cached, file_fingerprint
-from .search_protocol import Gallery, Query, SearchProtocol
 
 __all__ = [
     "load_prw",

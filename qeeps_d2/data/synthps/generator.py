@@ -2,7 +2,7 @@
 
 A data set is generated deterministically from a seed (numpy + OpenCV only, no torch):
 
-- identities with a persistent :class:`~qeeps_d2.data.synthps_render.Appearance` (body
+- identities with a persistent :class:`~qeeps_d2.data.synthps.render.Appearance` (body
   proportions, clothing colours and textures, logo, hat, bag, skin and hair), each seen in 4..10
   images (``appearances_per_id``) at different scales, poses, facing directions and occlusions;
 - look-alike groups: 2..3 identities that share everything but one local attribute (logo shape,
@@ -14,16 +14,14 @@ A data set is generated deterministically from a seed (numpy + OpenCV only, no t
 Train and test identities are disjoint, and so are train images and test (pool) images. The
 files are the ones of CUHK-SYSU (``Image/SSM/s<N>.jpg``, ``annotation/Images.mat``,
 ``annotation/pool.mat``, ``annotation/test/train_test/{Train,TestG50,TestG100}.mat``), written by
-:func:`qeeps_d2.data.cuhk_sysu.write_cuhk_sysu`, plus ``synthps.json`` (seed, knobs, statistics).
+:func:`qeeps_d2.data.datasets.cuhk_sysu.write_cuhk_sysu`, plus ``synthps.json`` (seed, knobs, statistics).
 Each test identity has one query (``ishard`` = 1 when the query person is occluded); its gallery
 lists hold all its other appearances first, then pool images without it.
 
-Command line: ``qeeps-synthps [--root R] [--seed S] [--force] [knobs]`` or
-``python -m qeeps_d2.data.synthps``: generates the data set if needed and prints its statistics.
+Command line: :mod:`qeeps_d2.data.synthps.cli`.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -36,9 +34,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import cv2
 import numpy as np
 
-from .cuhk_sysu import GALLERY_SIZES, write_cuhk_sysu
-from ..utils.cli import run_cli
-from .synthps_render import (
+from ..datasets.cuhk_sysu import GALLERY_SIZES, write_cuhk_sysu
+from .render import (
     LOOKALIKE_ATTRIBUTES,
     Appearance,
     apply_camera,
@@ -388,7 +385,7 @@ def generate_synthps(root: str, seed: int = 0, **knobs) -> Dict:
     return stats
 
 
-def _is_complete(root: str) -> bool:
+def is_complete(root: str) -> bool:
     """True when ``root`` holds a finished data set (the Images.mat written last is there)."""
     return os.path.isfile(os.path.join(root, "annotation", "Images.mat"))
 
@@ -427,7 +424,7 @@ def ensure_synthps(root: str, seed: int = 0, force: bool = False, replace_differ
         RuntimeError: ``root`` exists, is not empty and holds no SynthPS data set.
     """
     root = os.path.abspath(root)
-    if _is_complete(root) and not force:
+    if is_complete(root) and not force:
         different = knob_differences(root, seed, **knobs)
         if not different:
             return root
@@ -441,7 +438,7 @@ def ensure_synthps(root: str, seed: int = 0, force: bool = False, replace_differ
         force = True
     if os.path.exists(root) and not os.path.isdir(root):
         raise RuntimeError(f"cannot create SynthPS at {root}: it is a file, not a folder")
-    if os.path.isdir(root) and os.listdir(root) and not _is_complete(root):
+    if os.path.isdir(root) and os.listdir(root) and not is_complete(root):
         raise RuntimeError(f"cannot create SynthPS at {root}: the folder exists and holds no "
                            f"annotation/Images.mat; remove it or choose another root")
     parent = os.path.dirname(root)
@@ -450,7 +447,7 @@ def ensure_synthps(root: str, seed: int = 0, force: bool = False, replace_differ
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(root)}.tmp-", dir=parent)
     try:
         stats = generate_synthps(tmp, seed, **knobs)
-        if force and _is_complete(root):
+        if force and is_complete(root):
             old = tempfile.mkdtemp(prefix=f".{os.path.basename(root)}.old-", dir=parent)
             os.rename(root, os.path.join(old, "data"))
             os.rename(tmp, root)
@@ -472,7 +469,7 @@ def _publish(tmp: str, root: str) -> None:
     try:
         os.rename(tmp, root)  # atomic; replaces an empty folder, fails on a non-empty one
     except OSError as e:
-        if not _is_complete(root):
+        if not is_complete(root):
             raise RuntimeError(f"cannot create SynthPS at {root}: the folder exists and holds no "
                                f"annotation/Images.mat ({e}); remove it or choose another root") from e
         shutil.rmtree(tmp, ignore_errors=True)
@@ -511,53 +508,3 @@ def format_synthps_stats(stats: Dict) -> str:
             for key, value in stats.items()]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
-
-
-def _parser() -> argparse.ArgumentParser:
-    d = DEFAULT_KNOBS
-    p = argparse.ArgumentParser(
-        prog="qeeps-synthps",
-        description="Generate the SynthPS person-search data set (CUHK-SYSU layout) if missing, "
-                    "and print its statistics.")
-    p.add_argument("--root", default=os.path.join(os.environ.get("DETECTRON2_DATASETS", "datasets"),
-                                                  "synthps"), help="data set folder")
-    p.add_argument("--seed", type=int, default=0, help="generation seed")
-    p.add_argument("--force", action="store_true", help="regenerate even if the data set exists")
-    p.add_argument("--num-train-ids", type=int, default=d["num_train_ids"])
-    p.add_argument("--num-test-ids", type=int, default=d["num_test_ids"], help="= number of queries")
-    p.add_argument("--train-images", type=int, default=d["train_images"])
-    p.add_argument("--test-images", type=int, default=d["test_images"], help="pool size")
-    p.add_argument("--image-size", type=int, nargs=2, metavar=("W", "H"), default=d["image_size"])
-    p.add_argument("--persons-per-image", type=int, nargs=2, metavar=("MIN", "MAX"),
-                   default=d["persons_per_image"])
-    p.add_argument("--appearances-per-id", type=int, nargs=2, metavar=("MIN", "MAX"),
-                   default=d["appearances_per_id"], help="images each identity appears in")
-    p.add_argument("--lookalike-fraction", type=float, default=d["lookalike_fraction"])
-    p.add_argument("--occlusion-rate", type=float, default=d["occlusion_rate"])
-    p.add_argument("--illumination", type=float, default=d["illumination"])
-    p.add_argument("--gallery-sizes", type=int, nargs="+", default=d["gallery_sizes"])
-    return p
-
-
-def _run(args) -> List[str]:
-    knobs = {name: getattr(args, name) for name in DEFAULT_KNOBS}
-    existed = _is_complete(args.root) and not args.force
-    root = ensure_synthps(args.root, args.seed, force=args.force, **knobs)
-    stats = synthps_stats(root)
-    lines = [format_synthps_stats(stats)]
-    if existed:
-        lines.insert(0, f"SynthPS already present at {root} (seed {stats['seed']}); use --force "
-                        "to regenerate")
-    return lines
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Console script ``qeeps-synthps``; returns the exit status (0 ok, 2 user error: a bad
-    knob, or a --root that exists and is not a SynthPS folder, reported in one line)."""
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    return run_cli("qeeps-synthps", _parser(), _run, argv,
-                   user_errors=(ValueError, OSError, RuntimeError))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
