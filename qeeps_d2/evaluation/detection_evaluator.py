@@ -24,7 +24,7 @@ from ..data.search_inputs import check_query_indices
 from ..data.search_protocol import SearchProtocol
 from ..utils.records import record_kind
 from .detection_metrics import evaluate_detections
-from .search_evaluator import kept_detections, warn_missing
+from .search_evaluator import kept_detections, queries_label, warn_missing
 
 __all__ = ["DetectionEvaluator"]
 
@@ -77,8 +77,7 @@ class DetectionEvaluator(DatasetEvaluator):
         partial = len(self.query_indices) < len(self.protocol)
         result = OrderedDict(AP=100 * det["ap"], recall=100 * det["recall"],
                              labeled_recall=100 * det["labeled_recall"], partial=partial)
-        label = (f"partial: {len(self.query_indices)} of {len(self.protocol)} queries"
-                 if partial else f"{len(self.query_indices)} queries")
+        label = queries_label(len(self.query_indices), len(self.protocol))
         logger.info("Detection on %s (%s): AP %.2f  recall %.2f  labeled recall %.2f",
                     self.dataset_name, label + (", first stage" if self._first_stage else ""),
                     result["AP"], result["recall"], result["labeled_recall"])

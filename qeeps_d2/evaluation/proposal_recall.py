@@ -26,6 +26,7 @@ from ..data.search_inputs import check_query_indices
 from ..data.search_protocol import SearchProtocol
 from ..utils.records import record_kind
 from .box_iou import box_iou
+from .search_evaluator import queries_label
 
 __all__ = ["ProposalRecallEvaluator", "RECALLS"]
 
@@ -105,9 +106,7 @@ class ProposalRecallEvaluator(DatasetEvaluator):
         )
         if not recall:
             return {}
-        partial = len(self.query_indices) < len(self.protocol)
-        label = (f"partial: {len(self.query_indices)} of {len(self.protocol)} queries"
-                 if partial else f"{len(self.query_indices)} queries")
+        label = queries_label(len(self.query_indices), len(self.protocol))
         logger.info("Detector recall on %s (IoU 0.5, %s): %s", self.protocol.name, label,
                     "  ".join(f"{'proposal ' if n == 'recall' else 'plain proposal '}recall "
                               f"{v:.2f}" for n, v in recall.items()))

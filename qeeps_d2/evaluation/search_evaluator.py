@@ -52,7 +52,7 @@ from .results_file import QueryResult, write_results
 from .search_metrics import TOP_K, score_search
 
 __all__ = ["PersonSearchEvaluator", "GT_BOXES_TASK", "GT_BOXES_SUFFIX", "kept_detections",
-           "warn_missing"]
+           "queries_label", "warn_missing"]
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +79,11 @@ def kept_detections(inp, instances, det_thresh: float, use_gt_boxes: bool, datas
         return to_numpy(instances.pred_boxes.tensor), scores, instances
     instances = instances[instances.scores >= det_thresh].to("cpu")
     return to_numpy(instances.pred_boxes.tensor), to_numpy(instances.scores), instances
+
+
+def queries_label(evaluated: int, total: int) -> str:
+    """``"60 queries"``, or ``"partial: 10 of 60 queries"`` for a partial evaluation (log lines)."""
+    return f"partial: {evaluated} of {total} queries" if evaluated < total else f"{total} queries"
 
 
 def warn_missing(dataset_name: str, what: str, missing: list, expected: int) -> None:
@@ -335,10 +340,7 @@ class PersonSearchEvaluator(DatasetEvaluator):
             search.update(cascade_fields)
             search["first_stage_mAP"] = self.cascade.first_stage_map
             search["first_stage_top1"] = self.cascade.first_stage_top1
-        label = (
-            f"partial: {len(scores)} of {len(self.protocol)} queries"
-            if self.partial else f"{len(scores)} queries"
-        )
+        label = queries_label(len(scores), len(self.protocol))
         mode_label = (
             f"cascade top-{self.cascade.topk}: {len(self._pairs)} pairs re-scored"
             if cascade_fields else self.mode
