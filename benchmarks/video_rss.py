@@ -14,7 +14,7 @@ rerun with the same command, which continues from its saved progress; the resume
 equal the uninterrupted run's (same frames searched, same matches)::
 
     python benchmarks/video_rss.py [--minutes 1 10 60] [--fps 5] [--size 160 120] [--min-size 64]
-        [--kill-resume] [--seed 0]
+        [--every 1] [--kill-resume] [--seed 0]
 """
 from __future__ import annotations
 
@@ -103,6 +103,9 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=int, nargs=2, default=[160, 120], metavar=("W", "H"))
     p.add_argument("--workdir", default="/tmp/qeeps_video_rss")
     p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--every", type=int, default=1,
+                   help="search every N-th frame (qeeps-search --every; the others are skipped "
+                        "undecoded)")
     p.add_argument("--min-size", type=int, default=None,
                    help="model input short side (default: the frames' own, no resize)")
     p.add_argument("--kill-resume", action="store_true",
@@ -130,6 +133,7 @@ def main(argv=None) -> int:
         cmd = [sys.executable, "-c", _CHILD, "--config", config, "--weights", weights,
                "--query", query, "--box", f"2,2,{width // 4},{height // 2}", "--gallery", video,
                "--topk", "10", "--device", "cpu", "--batch-size", str(args.batch_size),
+               "--every", str(args.every),
                "--out", out]
         run = subprocess.run(cmd, capture_output=True, text=True)
         if run.returncode != 0:
@@ -140,7 +144,8 @@ def main(argv=None) -> int:
             searched = json.load(f)["gallery"]["frames_searched"]
         rows.append((minutes, frames, searched, result, os.path.getsize(video), cmd, out))
 
-    print(f"qeeps-search RSS, {width}x{height} MJPG at {args.fps:g} fps, SynthPS OIM model "
+    print(f"qeeps-search --every {args.every} RSS, {width}x{height} MJPG at {args.fps:g} fps, "
+          f"SynthPS OIM model "
           f"(random weights, input short side {min_size}), CPU, torch threads "
           f"{__import__('torch').get_num_threads()}")
     print(f"{'video':>7} {'frames':>7} {'searched':>8} {'file MB':>8} {'wall s':>7} "
