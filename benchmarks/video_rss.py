@@ -173,7 +173,8 @@ def kill_and_resume(row, seed: int) -> int:
     minutes, _, _, result, _, cmd, out = row
     resumed_out = out + "_killed"
     shutil.rmtree(resumed_out, ignore_errors=True)
-    progress = os.path.join(os.path.dirname(resumed_out), f".{os.path.basename(resumed_out)}.partial")
+    progress = os.path.join(os.path.dirname(resumed_out),
+                            f".{os.path.basename(resumed_out)}.partial")
     shutil.rmtree(progress, ignore_errors=True)
     cmd = cmd[:-1] + [resumed_out]
     delay = float(np.random.default_rng(seed).uniform(0.3, 0.7)) * result["wall_s"]
@@ -191,8 +192,9 @@ def kill_and_resume(row, seed: int) -> int:
         print(run.stderr[-2000:], file=sys.stderr)
         return 1
     same = _search_outcome(resumed_out) == _search_outcome(out)
-    print(f"\n{minutes:g}-minute video: search {'SIGKILLed' if killed else 'finished before the kill'} "
-          f"after {delay:.1f} s ({saved} progress file(s) kept), rerun finished in {resume_s:.1f} s "
+    print(f"\n{minutes:g}-minute video: search "
+          f"{'SIGKILLed' if killed else 'finished before the kill'} after {delay:.1f} s "
+          f"({saved} progress file(s) kept), rerun finished in {resume_s:.1f} s "
           f"(uninterrupted: {result['wall_s']:.1f} s); results "
           f"{'identical to' if same else 'DIFFERENT from'} the uninterrupted run")
     return 0 if same and killed else 1

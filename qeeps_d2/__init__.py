@@ -11,7 +11,8 @@ import warnings
 warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
 
 from .config import add_qeeps_config  # noqa: E402
-from .data.datasets import builtin as _builtin_datasets  # noqa: F401,E402  (registers the data sets)
+# registers the data sets
+from .data.datasets import builtin as _builtin_datasets  # noqa: F401,E402
 from . import modeling  # noqa: F401,E402  (registers the model components)
 
 __all__ = ["add_qeeps_config"]

@@ -73,8 +73,9 @@ class Trainer(DefaultTrainer):
     recent logged metrics (:mod:`~qeeps_d2.engine.run_state`), a config's ``SEED -1`` is drawn
     once per run and reused on ``--resume``, and the training loader
     (:class:`~qeeps_d2.data.samplers.ResumableTrainLoader`) restarts at the resumed iteration's
-    batch. Temporary files of a save interrupted by a kill are removed at the next start. A NaN or infinite loss term stops training with a message naming
-    the iteration and the term (:class:`~qeeps_d2.engine.hooks.NonFiniteLossCheck`).
+    batch. Temporary files of a save interrupted by a kill are removed at the next start. A NaN
+    or infinite loss term stops training with a message naming the iteration and the term
+    (:class:`~qeeps_d2.engine.hooks.NonFiniteLossCheck`).
     """
 
     def __init__(self, cfg):
