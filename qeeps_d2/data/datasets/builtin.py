@@ -1,7 +1,8 @@
 """Registers the built-in person-search data sets with Detectron2 (on import of ``qeeps_d2``).
 
 Every name of :data:`qeeps_d2.data.datasets.catalog.DATASET_NAMES` goes into ``DatasetCatalog``
-as a lazy loader (nothing is read from disk until ``DatasetCatalog.get``) and into ``MetadataCatalog`` with
+as a lazy loader (nothing is read from disk until ``DatasetCatalog.get``) and into
+``MetadataCatalog`` with
 
 * ``thing_classes=["person"]``, ``evaluator_type="person_search"``;
 * ``dataset_root`` and ``image_root``: where the data set is expected, from
