@@ -138,7 +138,8 @@ def test_evaluation_outputs_do_not_depend_on_the_batch(guided, mixed_sizes, monk
         protocol = load_test_protocol(cfg, "cuhk_sysu_test")
         out = mixed_sizes / f"{'pairs' if guided else 'agnostic'}_b{batch_size}"
         recorder = _Recorder(model)
-        evaluator = PersonSearchEvaluators("cuhk_sysu_test", protocol, str(out), det_thresh=0.0)
+        evaluator = PersonSearchEvaluators("cuhk_sysu_test", protocol, output_dir=str(out),
+                                           det_thresh=0.0)
         metrics = inference_on_dataset(
             recorder, build_person_search_test_loader(cfg, "cuhk_sysu_test", protocol), evaluator)
         with gzip.open(out / "cuhk_sysu_test_results.json.gz", "rt") as f:

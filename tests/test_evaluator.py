@@ -215,7 +215,8 @@ def test_real_model_and_loader_agree_with_qeeps_eval(guided, tmp_path, monkeypat
     cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.0
     protocol = load_test_protocol(cfg, "cuhk_sysu_test")
     loader = build_person_search_test_loader(cfg, "cuhk_sysu_test", protocol)
-    evaluator = PersonSearchEvaluators("cuhk_sysu_test", protocol, str(tmp_path), det_thresh=0.0)
+    evaluator = PersonSearchEvaluators("cuhk_sysu_test", protocol, output_dir=str(tmp_path),
+                                       det_thresh=0.0)
     with caplog.at_level(logging.WARNING, logger="qeeps_d2.evaluation"):
         results = inference_on_dataset(build_model(cfg), loader, evaluator)
     assert "no model output" not in caplog.text and "no query embedding" not in caplog.text

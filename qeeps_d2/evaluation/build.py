@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Optional, Sequence
+from typing import Optional
 
 from detectron2.evaluation import DatasetEvaluators
 from detectron2.utils import comm
@@ -29,40 +29,35 @@ class PersonSearchEvaluators(DatasetEvaluators):
     metrics also go to ``<output_dir>/<dataset_name>[_gtboxes]_metrics.json`` with the
     protocol, mode (and cascade fields) of the run.
 
-    Args: as :class:`PersonSearchEvaluator`, plus ``cascade_topk`` K > 0 for a cascade
-    evaluation (:attr:`cascade` is then its :class:`CascadeState`, to pass to
+    Args: ``dataset_name``, ``protocol`` and the keyword arguments of
+    :class:`PersonSearchEvaluator` (``output_dir``, ``det_thresh``, ``query_indices``,
+    ``distributed``, ``use_gt_boxes``), which the other two share; ``cascade_topk`` K > 0 for a
+    cascade evaluation (:attr:`cascade` is then its :class:`CascadeState`, to pass to
     :func:`~qeeps_d2.evaluation.cascade_inference.cascade_inference_on_dataset`).
     """
 
-    def __init__(
-        self,
-        dataset_name: str,
-        protocol: SearchProtocol,
-        output_dir: Optional[str] = None,
-        det_thresh: float = 0.5,
-        query_indices: Optional[Sequence[int]] = None,
-        distributed: bool = True,
-        cascade_topk: int = 0,
-        use_gt_boxes: bool = False,
-    ):
+    def __init__(self, dataset_name: str, protocol: SearchProtocol, cascade_topk: int = 0,
+                 **search_options):
         if cascade_topk < 0:
             raise ValueError(f"cascade_topk must be >= 0, got {cascade_topk}")
         self.cascade = CascadeState(cascade_topk) if cascade_topk else None
-        self.search = PersonSearchEvaluator(dataset_name, protocol, output_dir, det_thresh,
-                                            query_indices, distributed, use_gt_boxes,
-                                            self.cascade)
-        members = [self.search, ProposalRecallEvaluator(protocol, query_indices, distributed,
-                                                        self.cascade)]
-        if not use_gt_boxes:  # with the annotated boxes detection would be trivially perfect
-            members.append(DetectionEvaluator(dataset_name, protocol, det_thresh, query_indices,
-                                              distributed, first_stage=bool(cascade_topk)))
+        search = PersonSearchEvaluator(dataset_name, protocol, cascade_state=self.cascade,
+                                       **search_options)
+        distributed = search_options.get("distributed", True)
+        members = [search, ProposalRecallEvaluator(protocol, search.query_indices, distributed,
+                                                   self.cascade)]
+        if not search.use_gt_boxes:  # with the annotated boxes detection is trivially perfect
+            members.append(DetectionEvaluator(dataset_name, protocol, search.det_thresh,
+                                              search.query_indices, distributed,
+                                              first_stage=bool(cascade_topk)))
         super().__init__(members)
-        self.output_dir = output_dir
+        self.search = search
 
     def evaluate(self):
         results = super().evaluate()
-        if results and self.search.task in results and self.output_dir and comm.is_main_process():
-            path = os.path.join(self.output_dir, f"{self.search.file_prefix}_metrics.json")
+        out = self.search.output_dir
+        if results and self.search.task in results and out and comm.is_main_process():
+            path = os.path.join(out, f"{self.search.file_prefix}_metrics.json")
             with open(path, "w") as f:
                 json.dump({**self.search.file_fields(), **results}, f, indent=1)
         return results
