@@ -4,10 +4,17 @@
 For each model size it builds the OIM baseline and QEEPS (all three query-guidance blocks) with
 random weights on synthetic inputs and measures, median of ``--runs`` runs after ``--warmup``:
 
+- stock Detectron2 Faster R-CNN R-50-C4 (r50 sizes: the model zoo's
+  ``COCO-Detection/faster_rcnn_R_50_C4_1x.yaml``, one class, the same input size and proposal
+  budget): inference per image, the reference the ratios are taken against;
 - OIM: training step (``--batch`` images), inference per gallery image, per query box;
 - QEEPS: training step (``--batch`` pairs), inference per (query, gallery) pair with 1 and with
   ``--batch`` gallery images per forward pass;
 - peak host RSS (and peak device memory on CUDA);
+
+The inference timings of one size are interleaved (each round runs the stock image, the OIM
+image, the OIM query box and the QEEPS pairs once, ``--runs`` rounds after ``--warmup``), so the
+ratios compare runs made under the same machine load;
 - achieved GFLOP/s of pair inference (FLOPs = 2 x the multiply-accumulates fvcore counts on
   the same inputs) next to the dense fp32 matmul rate of the machine measured in the same run.
 
@@ -59,6 +66,28 @@ def _cfg(size, qeeps, device):
     for block in ("QSSE", "QRPN", "QSIMNET"):
         opts += [f"MODEL.QEEPS.{block}.ENABLED", str(qeeps)]
     return setup_cfg(os.path.join(REPO, config), opts, resolve_schedule=False)
+
+
+STOCK_CONFIG = "COCO-Detection/faster_rcnn_R_50_C4_1x.yaml"
+
+
+def _stock_cfg(ours):
+    """Detectron2's own R-50-C4 from its model zoo config, one class, ``ours``'s input size,
+    proposal budget and device; None where the size is not an R-50 (SynthPS)."""
+    if ours.MODEL.RESNETS.DEPTH != 50:
+        return None
+    from detectron2 import model_zoo
+    from detectron2.config import get_cfg
+
+    cfg = get_cfg()
+    cfg.merge_from_file(model_zoo.get_config_file(STOCK_CONFIG))
+    cfg.MODEL.WEIGHTS = ""
+    cfg.MODEL.DEVICE = ours.MODEL.DEVICE
+    cfg.MODEL.ROI_HEADS.NUM_CLASSES = 1
+    for key in ("PRE_NMS_TOPK_TEST", "POST_NMS_TOPK_TEST"):
+        setattr(cfg.MODEL.RPN, key, getattr(ours.MODEL.RPN, key))
+    cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST = ours.INPUT.MIN_SIZE_TEST, ours.INPUT.MAX_SIZE_TEST
+    return cfg
 
 
 def _inputs(hw, n, pairs, train, gen):
@@ -114,6 +143,19 @@ def _time(fn, runs, warmup, device):
     return statistics.median(times)
 
 
+def _time_interleaved(fns, runs, warmup, device):
+    """``{name: median seconds}`` of ``fns`` (name -> callable) run in rounds, each round
+    calling every function once in order."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(runs):
+        for name, fn in fns.items():
+            times[name].append(_time(fn, 1, 0, device))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def count_gflop(model, inputs) -> float:
     """GFLOP of one inference forward on ``inputs`` (2 x fvcore's multiply-accumulates).
 
@@ -164,6 +206,7 @@ def bench_size(size, args):
     hw = SIZES[size][1]
     gen = torch.Generator().manual_seed(0)
     row = {"size": size, "input_hw": list(hw)}
+    models, timed = {}, {}
     for qeeps in (False, True):
         torch.manual_seed(0)
         cfg = _cfg(size, qeeps, args.device)
@@ -182,41 +225,61 @@ def bench_size(size, args):
         name = "qeeps" if qeeps else "oim"
         row[f"{name}_train_step_s"] = _time(step, args.runs, args.warmup, args.device)
         model.eval()
-        with torch.no_grad(), _precision(args):
-            if qeeps:
-                for b in (1, args.batch):
-                    pairs = _inputs(hw, b, True, False, gen)
-                    row[f"qeeps_pair_s_b{b}"] = _time(
-                        lambda: model(pairs), args.runs, args.warmup, args.device) / b
-                row["qeeps_pair_gflop"] = count_gflop(model, pairs) / args.batch
-                row["qeeps_proposals"] = _num_proposals(model, pairs)
-            else:
-                images = _inputs(hw, args.batch, False, False, gen)
-                row["oim_gallery_image_s"] = _time(
-                    lambda: model(images), args.runs, args.warmup, args.device) / args.batch
-                row["oim_gallery_image_gflop"] = count_gflop(model, images) / args.batch
-                row["oim_proposals"] = _num_proposals(model, images)
-                queries = [{**x, "query_box": torch.tensor([10.0, 10, 60, 150])} for x in images]
-                row["oim_query_box_s"] = _time(
-                    lambda: model(queries), args.runs, args.warmup, args.device) / args.batch
-        del model, opt
-        # ru_maxrss only grows: with sizes run small to large this is each size's own peak
-        row["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        if args.device.startswith("cuda"):
-            row["peak_device_mib"] = torch.cuda.max_memory_allocated() / 2 ** 20
-            torch.cuda.reset_peak_memory_stats()
+        del opt
+        models[name] = model
+        if not qeeps:
+            stock_cfg = _stock_cfg(cfg)
+            if stock_cfg is not None:
+                torch.manual_seed(0)
+                models["stock"] = _build(stock_cfg, train_batch).eval()
+    images = _inputs(hw, args.batch, False, False, gen)
+    queries = [{**x, "query_box": torch.tensor([10.0, 10, 60, 150])} for x in images]
+    pairs = {b: _inputs(hw, b, True, False, gen) for b in (1, args.batch)}
+
+    def run(model, inputs):
+        def forward():
+            with torch.no_grad(), _precision(args):
+                model(inputs)
+        return forward
+
+    if "stock" in models:
+        timed["stock_image_s"] = run(models["stock"], images)
+    timed["oim_gallery_image_s"] = run(models["oim"], images)
+    timed["oim_query_box_s"] = run(models["oim"], queries)
+    for b in (1, args.batch):
+        timed[f"qeeps_pair_s_b{b}"] = run(models["qeeps"], pairs[b])
+    per_input = {"qeeps_pair_s_b1": 1}
+    for name, seconds in _time_interleaved(timed, args.runs, args.warmup, args.device).items():
+        row[name] = seconds / per_input.get(name, args.batch)
+    with torch.no_grad(), _precision(args):
+        row["qeeps_pair_gflop"] = count_gflop(models["qeeps"], pairs[args.batch]) / args.batch
+        row["qeeps_proposals"] = _num_proposals(models["qeeps"], pairs[args.batch])
+        row["oim_gallery_image_gflop"] = count_gflop(models["oim"], images) / args.batch
+        row["oim_proposals"] = _num_proposals(models["oim"], images)
+        if "stock" in models:
+            row["stock_image_gflop"] = count_gflop(models["stock"], images) / args.batch
+    del models
+    # ru_maxrss only grows: with sizes run small to large this is each size's own peak
+    row["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if args.device.startswith("cuda"):
+        row["peak_device_mib"] = torch.cuda.max_memory_allocated() / 2 ** 20
+        torch.cuda.reset_peak_memory_stats()
     return derive(row, args.batch)
 
 
 def derive(row, batch):
     """Ratios of a measured row: training step QEEPS / OIM, per pair (at the faster of B=1 and
-    B=batch gallery images per forward, ``best_b``) / OIM per gallery image, and the GFLOP/s of
-    pair inference at that B."""
+    B=batch gallery images per forward, ``best_b``) / OIM per gallery image, the GFLOP/s of
+    pair inference at that B and, with a stock row, OIM image / stock image and pair / stock
+    image."""
     row["train_ratio"] = row["qeeps_train_step_s"] / row["oim_train_step_s"]
     best_b = min((1, batch), key=lambda b: row[f"qeeps_pair_s_b{b}"])
     row["best_b"] = best_b
     row["pair_vs_gallery_image"] = row[f"qeeps_pair_s_b{best_b}"] / row["oim_gallery_image_s"]
     row["qeeps_pair_gflops"] = row["qeeps_pair_gflop"] / row[f"qeeps_pair_s_b{best_b}"]
+    if row.get("stock_image_s"):  # against stock Detectron2's image (r50 sizes)
+        row["oim_vs_stock"] = row["oim_gallery_image_s"] / row["stock_image_s"]
+        row["pair_vs_stock"] = row[f"qeeps_pair_s_b{best_b}"] / row["stock_image_s"]
     return row
 
 
@@ -231,21 +294,25 @@ def format_table(info, rows, args) -> str:
         f"{info['matmul_fp32_gflops']:.0f} GFLOP/s; median of {args.runs} "
         f"runs after {args.warmup} warm-up, batch {b}",
         "",
-        f"| size | OIM train step | QEEPS train step | ratio | OIM / gallery image | "
-        f"OIM / query box | QEEPS / pair (B=1) | QEEPS / pair (B={b}) | pair / image | "
-        f"image / pair GFLOP | pair GFLOP/s (% of matmul) | proposals | {peak} |",
-        "|" + "---|" * 13,
+        f"| size | OIM train step | QEEPS train step | ratio | stock D2 / image | "
+        f"OIM / gallery image | OIM / query box | QEEPS / pair (B=1) | QEEPS / pair (B={b}) | "
+        f"OIM / stock | pair / stock | pair / image | image / pair GFLOP | "
+        f"pair GFLOP/s (% of matmul) | proposals | {peak} |",
+        "|" + "---|" * 16,
     ]
     for r in rows:
         mem = f"{r['peak_rss_mib']:.0f} MiB"
         if "peak_device_mib" in r:
             mem += f" / {r['peak_device_mib']:.0f} MiB"
+        stock = "stock_image_s" in r
         lines.append(
             f"| {r['size']} {r['input_hw'][0]}x{r['input_hw'][1]} | {r['oim_train_step_s']:.2f} s"
             f" | {r['qeeps_train_step_s']:.2f} s | {r['train_ratio']:.2f} | "
-            f"{r['oim_gallery_image_s']:.3f} s | {r['oim_query_box_s']:.3f} s | "
+            + (f"{r['stock_image_s']:.3f} s | " if stock else "- | ")
+            + f"{r['oim_gallery_image_s']:.3f} s | {r['oim_query_box_s']:.3f} s | "
             f"{r['qeeps_pair_s_b1']:.3f} s | {r[f'qeeps_pair_s_b{b}']:.3f} s | "
-            f"{r['pair_vs_gallery_image']:.2f} (B={r['best_b']}) | "
+            + (f"{r['oim_vs_stock']:.2f} | {r['pair_vs_stock']:.2f} | " if stock else "- | - | ")
+            + f"{r['pair_vs_gallery_image']:.2f} (B={r['best_b']}) | "
             f"{r['oim_gallery_image_gflop']:.0f} / "
             f"{r['qeeps_pair_gflop']:.0f} | {r['qeeps_pair_gflops']:.0f} "
             f"({100 * r['qeeps_pair_gflops'] / info['matmul_fp32_gflops']:.0f}%) | "

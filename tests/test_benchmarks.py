@@ -37,6 +37,18 @@ def test_derive_uses_the_faster_batch_size_and_table_shows_it():
     line = [l for l in table.splitlines() if l.startswith("| r50_600")][0]
     assert "| 1.70 |" in line and "1.12 (B=1)" in line and "76 (63%)" in line
     assert "300 / 300" in line and "5000 MiB" in line
+    assert "| - | 8.000 s |" in line and "| - | - | 1.12 (B=1) |" in line  # no stock row
+
+
+def test_ratios_against_stock_detectron2():
+    run = _load("run")
+    row = run.derive(dict(ROW, stock_image_s=7.5), batch=2)
+    assert row["oim_vs_stock"] == pytest.approx(8.0 / 7.5)
+    assert row["pair_vs_stock"] == pytest.approx(9.0 / 7.5)  # the faster pair batch size
+    args = argparse.Namespace(batch=2, runs=3, warmup=1, device="cpu", precision="fp32")
+    line = [l for l in run.format_table(INFO, [row], args).splitlines()
+            if l.startswith("| r50_600")][0]
+    assert "| 7.500 s | 8.000 s |" in line and "| 1.07 | 1.20 | 1.12 (B=1) |" in line
 
 
 def test_protocol_cost_counts_and_durations(tmp_path, capsys):

@@ -217,7 +217,9 @@ class QSSEResNet(ResNet):
         if image_sizes is not None:
             if len(image_sizes) != x.shape[0]:
                 raise ValueError(f"{len(image_sizes)} image_sizes for a batch of {x.shape[0]}")
-            image_sizes = torch.as_tensor(image_sizes, dtype=torch.int64, device=x.device)
+            # (h, w) pairs of ints, or of 0-d tensors when traced (fvcore's FLOP count)
+            image_sizes = torch.stack([torch.as_tensor(tuple(s), dtype=torch.int64)
+                                       for s in image_sizes]).to(x.device)
         with self._paired(num_pairs, image_sizes):
             return super().forward(x)
 
