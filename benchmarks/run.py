@@ -76,11 +76,13 @@ def _stock_cfg(ours):
     proposal budget and device; None where the size is not an R-50 (SynthPS)."""
     if ours.MODEL.RESNETS.DEPTH != 50:
         return None
-    from detectron2 import model_zoo
+    import detectron2
     from detectron2.config import get_cfg
 
     cfg = get_cfg()
-    cfg.merge_from_file(model_zoo.get_config_file(STOCK_CONFIG))
+    # the file model_zoo.get_config_file names (that module needs pkg_resources, absent here)
+    cfg.merge_from_file(os.path.join(os.path.dirname(detectron2.__file__), "model_zoo",
+                                     "configs", STOCK_CONFIG))
     cfg.MODEL.WEIGHTS = ""
     cfg.MODEL.DEVICE = ours.MODEL.DEVICE
     cfg.MODEL.ROI_HEADS.NUM_CLASSES = 1
