@@ -43,12 +43,11 @@ class PersonSearchEvaluators(DatasetEvaluators):
         self.cascade = CascadeState(cascade_topk) if cascade_topk else None
         search = PersonSearchEvaluator(dataset_name, protocol, cascade_state=self.cascade,
                                        **search_options)
-        distributed = search_options.get("distributed", True)
-        members = [search, ProposalRecallEvaluator(protocol, search.query_indices, distributed,
-                                                   self.cascade)]
+        members = [search, ProposalRecallEvaluator(protocol, search.query_indices,
+                                                   search.distributed, self.cascade)]
         if not search.use_gt_boxes:  # with the annotated boxes detection is trivially perfect
             members.append(DetectionEvaluator(dataset_name, protocol, search.det_thresh,
-                                              search.query_indices, distributed,
+                                              search.query_indices, search.distributed,
                                               first_stage=bool(cascade_topk)))
         super().__init__(members)
         self.search = search

@@ -45,14 +45,21 @@ class ProposalRecallEvaluator(DatasetEvaluator):
         self.query_indices = check_query_indices(protocol, query_indices)
         self.cascade = cascade_state
         self._distributed = distributed
-        positives = defaultdict(list)  # image -> [(query index, gallery entry index, gt box)]
-        for i in self.query_indices:
-            gallery = protocol.gallery(i)
-            for k in np.flatnonzero(gallery.positive):
-                positives[gallery.images[k]].append((i, int(k), gallery.gt_boxes[k]))
-        self._positives = dict(positives)
-        self._num_positives = sum(len(v) for v in positives.values())
+        self._positives_by_image: Optional[Dict] = None  # built on first use (_positives)
         self.reset()
+
+    def _positives(self) -> Dict[str, list]:
+        """image -> [(query index, gallery entry index, gt box)] over the evaluated queries,
+        built on the first output with proposals (a model without proposals never walks the
+        galleries)."""
+        if self._positives_by_image is None:
+            positives = defaultdict(list)
+            for i in self.query_indices:
+                gallery = self.protocol.gallery(i)
+                for k in np.flatnonzero(gallery.positive):
+                    positives[gallery.images[k]].append((i, int(k), gallery.gt_boxes[k]))
+            self._positives_by_image = dict(positives)
+        return self._positives_by_image
 
     def reset(self):
         # proposal key -> {(query index, gallery entry index): covered by a proposal}
@@ -63,8 +70,10 @@ class ProposalRecallEvaluator(DatasetEvaluator):
             kind = record_kind(inp)
             if kind == "query":
                 continue
+            if not any(key in out for key in RECALLS):
+                continue
             query = int(inp["query_index"]) if kind == "pair" else None
-            entries = [e for e in self._positives.get(inp["image_id"], ())
+            entries = [e for e in self._positives().get(inp["image_id"], ())
                        if query is None or e[0] == query]
             if not entries:
                 continue
@@ -100,9 +109,12 @@ class ProposalRecallEvaluator(DatasetEvaluator):
             hits = {"proposal_boxes": {**self.cascade.first_stage_recall_hits,
                                        **hits["proposal_boxes"]},
                     "plain_proposal_boxes": {}}
+        if not any(hits.values()):
+            return {}
+        num_positives = sum(len(v) for v in self._positives().values())
         recall = OrderedDict(
-            (name, 100 * sum(hits[key].values()) / self._num_positives)
-            for key, name in RECALLS.items() if hits[key] and self._num_positives
+            (name, 100 * sum(hits[key].values()) / num_positives)
+            for key, name in RECALLS.items() if hits[key] and num_positives
         )
         if not recall:
             return {}

@@ -139,7 +139,7 @@ class PersonSearchEvaluator(DatasetEvaluator):
         self.cascade = cascade_state
         self.file_prefix = dataset_name + (GT_BOXES_SUFFIX if use_gt_boxes else "")
         self.task = GT_BOXES_TASK if use_gt_boxes else "person_search"
-        self._distributed = distributed
+        self.distributed = distributed
         self.mode: Optional[str] = None  # of the last evaluation: agnostic, pairs or cascade
         self.reset()
 
@@ -166,7 +166,7 @@ class PersonSearchEvaluator(DatasetEvaluator):
 
     def _gather(self) -> bool:
         """Merge all ranks' outputs into this process; False on non-main ranks."""
-        if not self._distributed:
+        if not self.distributed:
             return True
         comm.synchronize()
         parts = comm.gather((self._gallery, self._query_embeds, self._pairs), dst=0)
