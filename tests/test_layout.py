@@ -9,7 +9,7 @@ from model_fixtures import REPO
 PACKAGE = os.path.join(REPO, "qeeps_d2")
 # a part may import the parts of a lower rank (and itself)
 RANK = {"config": 0, "utils": 0, "checkpoint": 1, "modeling": 1, "data": 2, "evaluation": 3,
-        "engine": 4, "search": 5, "demo": 6}
+        "engine": 4, "export": 5, "search": 6, "viewer": 7, "demo": 8}
 ALLOWED = {"modeling": {"config", "utils"}, "checkpoint": {"utils"}}
 
 
