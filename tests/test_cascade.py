@@ -428,10 +428,10 @@ def test_cascade_eval_tool_on_the_cuhk_fixture(tmp_path, monkeypatch, capsys):
     QEEPSCheckpointer(guided_model(), str(tmp_path)).save("model")
     config = tmp_path / "config.yaml"
     config.write_text(eval_cfg(True, 0, str(tmp_path / "unused")).dump())
-    model_args = ["--config", str(config), "--weights", str(tmp_path / "model.pth")]
+    model_args = ["--config-file", str(config), "--weights", str(tmp_path / "model.pth")]
 
     def run(out, *extra):
-        code = tool.main(model_args + ["--out", str(tmp_path / out), *extra])
+        code = tool.main(model_args + ["--output", str(tmp_path / out), *extra])
         if code:
             return code
         return {(r["method"], r["gallery"]): r

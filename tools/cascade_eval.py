@@ -26,6 +26,7 @@ last float digits.
 The "first stage only" row is the query-agnostic pass alone (OIM-style search with the
 query-guided network). The table also goes to ``OUT/cascade_eval.md`` and ``.json``.
 """
+import argparse
 import json
 import os
 import sys
@@ -41,15 +42,15 @@ from qeeps_d2.engine import Trainer, setup_cfg
 from qeeps_d2.evaluation.cascade import cascade_rows, protocol_costs
 from qeeps_d2.evaluation.results_file import read_results, validate_against_protocol
 from qeeps_d2.evaluation.search_metrics import score_search
-from qeeps_d2.utils.cli import ArgumentParser, UsageError, run_cli
+from qeeps_d2.utils.cli import (ArgumentParser, UsageError, add_model_arguments,
+                                add_output_argument, model_opts, run_cli)
 
 FIRST_STAGE = "first stage only (query-agnostic)"
 
 
 def _parser():
     p = ArgumentParser(prog="cascade_eval", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", required=True, help="a query-guided model's config")
-    p.add_argument("--weights", required=True, help="its trained weights")
+    add_model_arguments(p, device=False, opts=False)
     p.add_argument("--topk", type=int, nargs="+", default=[5, 10, 20],
                    help="cascade shortlist lengths K (default 5 10 20)")
     p.add_argument("--gallery-sizes", type=int, nargs="+", default=[50, 100])
@@ -58,10 +59,17 @@ def _parser():
                    help="cascade numbers from one first-stage pass + the exhaustive rows")
     p.add_argument("--seconds-per-pair", type=float,
                    help="per-pair time for --emulate estimates when the exhaustive time is unknown")
-    p.add_argument("--out", default="output/cascade_eval", help="output folder")
+    add_output_argument(p, "output/cascade_eval")
     p.add_argument("--max-queries", type=int, default=0, help="first N queries only (partial)")
     p.add_argument("opts", nargs="*", help="KEY VALUE config overrides")
+    p.add_argument("--opts", dest="more_opts", nargs=argparse.REMAINDER, default=[],
+                   metavar="KEY VALUE", help="config overrides (as Detectron2's demo takes them)")
     return p
+
+
+def _namespace(args):
+    """``args`` with ``--opts`` under the name :func:`model_opts` reads."""
+    return argparse.Namespace(opts=args.more_opts, confidence_threshold=args.confidence_threshold)
 
 
 class _Runner:
@@ -69,11 +77,11 @@ class _Runner:
 
     def __init__(self, args):
         self.args = args
-        self.opts = list(args.opts) + ["MODEL.WEIGHTS", args.weights,
+        self.opts = list(args.opts) + model_opts(_namespace(args)) + ["MODEL.WEIGHTS", args.weights,
                                        "TEST.PERSON_SEARCH.MAX_QUERIES", str(args.max_queries)]
         cfg = self.cfg()
         if not is_query_guided(cfg):
-            raise UsageError(f"--config {args.config}: not a query-guided model (QSSE, QRPN and "
+            raise UsageError(f"--config {args.config_file}: not a query-guided model (QSSE, QRPN and "
                              "QSimNet are off); its evaluation already runs each image once")
         self.dataset = cfg.DATASETS.TEST[0]
         self.det_thresh = cfg.TEST.PERSON_SEARCH.DET_THRESH
@@ -88,8 +96,8 @@ class _Runner:
                       "TEST.PERSON_SEARCH.CASCADE_TOPK", str(k),
                       "DATASETS.TEST", f"('{self.dataset}',)"]
         if out:
-            extra += ["OUTPUT_DIR", os.path.join(self.args.out, out)]
-        return setup_cfg(self.args.config, self.opts + extra, resolve_schedule=False)
+            extra += ["OUTPUT_DIR", os.path.join(self.args.output, out)]
+        return setup_cfg(self.args.config_file, self.opts + extra, resolve_schedule=False)
 
     def evaluate(self, size: int, k: int = 0, agnostic: bool = False):
         """(person-search metrics, results file path, seconds) of one run: Trainer.test
@@ -208,18 +216,18 @@ def format_table(rows: list, dataset: str) -> str:
 def _run(args):
     if min(args.topk) < 1:
         raise UsageError(f"--topk values must be >= 1, got {args.topk}")
-    for flag, path in (("--config", args.config), ("--weights", args.weights)):
+    for flag, path in (("--config-file", args.config_file), ("--weights", args.weights)):
         if not os.path.isfile(path):
             raise UsageError(f"{flag} {path}: file not found")
-    os.makedirs(args.out, exist_ok=True)
-    setup_logger(output=args.out, name="detectron2")
-    setup_logger(output=args.out, name="qeeps_d2", abbrev_name="qeeps")
+    os.makedirs(args.output, exist_ok=True)
+    setup_logger(output=args.output, name="detectron2")
+    setup_logger(output=args.output, name="qeeps_d2", abbrev_name="qeeps")
     runner = _Runner(args)
     rows = _rows(runner, args)
     table = format_table(rows, runner.dataset)
-    with open(os.path.join(args.out, "cascade_eval.md"), "w") as f:
+    with open(os.path.join(args.output, "cascade_eval.md"), "w") as f:
         f.write(table + "\n")
-    with open(os.path.join(args.out, "cascade_eval.json"), "w") as f:
+    with open(os.path.join(args.output, "cascade_eval.json"), "w") as f:
         json.dump(rows, f, indent=1)
     return [table]
 

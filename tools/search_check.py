@@ -25,12 +25,13 @@ import numpy as np
 
 
 def main(argv=None) -> int:
+    from qeeps_d2.utils.cli import add_model_arguments, add_output_argument
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--weights", required=True)
+    add_model_arguments(parser, confidence=False, opts=False, device=False)
     parser.add_argument("--queries", type=int, default=20, help="first N queries of synthps_test")
     parser.add_argument("--distractors", type=int, default=20, help="unrelated images per gallery")
-    parser.add_argument("--out", default="output/search_check")
+    add_output_argument(parser, "output/search_check")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--cascade-topk", type=int, default=0, help="passed to qeeps-search")
     args = parser.parse_args(argv)
@@ -46,14 +47,14 @@ def main(argv=None) -> int:
         positive = ~np.isnan(gallery.gt_boxes[:, 0])
         truth = {name: box for name, box, p in zip(gallery.images, gallery.gt_boxes, positive) if p}
         chosen = list(truth) + [n for n, p in zip(gallery.images, positive) if not p][: args.distractors]
-        folder = os.path.join(args.out, f"q{query.index:03d}", "gallery")
+        folder = os.path.join(args.output, f"q{query.index:03d}", "gallery")
         shutil.rmtree(os.path.dirname(folder), ignore_errors=True)
         os.makedirs(folder)
         for name in chosen:
             shutil.copy(os.path.join(images, name), folder)
-        result_dir = os.path.join(args.out, f"q{query.index:03d}", "search")
+        result_dir = os.path.join(args.output, f"q{query.index:03d}", "search")
         box = ",".join(f"{v:.1f}" for v in query.box)
-        cmd = [sys.executable, "-m", "qeeps_d2.search.cli", "--config", args.config,
+        cmd = [sys.executable, "-m", "qeeps_d2.search.cli", "--config", args.config_file,
                "--weights", args.weights, "--query", os.path.join(images, query.image),
                "--box", box, "--gallery", folder, "--topk", "5", "--out", result_dir,
                "--device", args.device, "--cascade-topk", str(args.cascade_topk)]
@@ -74,8 +75,8 @@ def main(argv=None) -> int:
     hits = sum(bool(r["hit_ranks"]) for r in rows)
     top1 = sum(bool(r["hit_ranks"]) and r["hit_ranks"][0] == 1 for r in rows)
     print(f"{hits} of {len(rows)} queries found in the top 5 ({top1} at rank 1)")
-    with open(os.path.join(args.out, "summary.json"), "w") as f:
-        json.dump({"config": args.config, "weights": args.weights, "hits_top5": hits,
+    with open(os.path.join(args.output, "summary.json"), "w") as f:
+        json.dump({"config": args.config_file, "weights": args.weights, "hits_top5": hits,
                    "hits_top1": top1, "queries": rows}, f, indent=1)
     return 0
 

@@ -14,7 +14,8 @@ from typing import Callable, List, Optional, Sequence, Tuple, Type, TypeVar
 
 T = TypeVar("T")
 
-__all__ = ["UsageError", "ArgumentParser", "run_cli", "report_user_error", "exit_on_user_error"]
+__all__ = ["UsageError", "ArgumentParser", "add_model_arguments", "add_output_argument",
+           "model_opts", "run_cli", "report_user_error", "exit_on_user_error"]
 
 
 class UsageError(Exception):
@@ -26,6 +27,55 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message):
         raise UsageError(message)
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, weights: bool = True,
+                        confidence: bool = True, device: bool = True,
+                        opts: bool = True) -> argparse.ArgumentParser:
+    """The model flags every tool shares, named as in Detectron2's ``demo/demo.py``:
+    ``--config-file`` (``--config`` kept as an alias; ``args.config_file``), ``--weights``,
+    ``--confidence-threshold`` (sets ``TEST.PERSON_SEARCH.DET_THRESH``), ``--device`` and
+    ``--opts KEY VALUE ...`` (config overrides; last on the command line). Read them back with
+    :func:`model_opts`."""
+    parser.add_argument("--config-file", "--config", dest="config_file", required=True,
+                        metavar="FILE", help="the model's config file (YAML)")
+    if weights:
+        parser.add_argument("--weights", required=True, metavar="FILE",
+                            help="the trained model's weights (.pth/.pkl)")
+    if confidence:
+        parser.add_argument("--confidence-threshold", type=float, default=None, metavar="T",
+                            help="keep detections scoring at least T (default: the config's "
+                                 "TEST.PERSON_SEARCH.DET_THRESH)")
+    if device:
+        parser.add_argument("--device", default=None,
+                            help="cpu, cuda or cuda:N (default: cuda if any)")
+    if opts:
+        parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[], metavar="KEY VALUE",
+                            help="config overrides as KEY VALUE pairs, last on the command line")
+    return parser
+
+
+def model_opts(args: argparse.Namespace) -> List[str]:
+    """The config overrides of :func:`add_model_arguments`' flags: ``--opts`` and, when given,
+    ``--confidence-threshold`` as ``TEST.PERSON_SEARCH.DET_THRESH`` (after ``--opts``: the
+    explicit flag wins)."""
+    out = list(getattr(args, "opts", None) or [])
+    if len(out) % 2:
+        raise UsageError(f"--opts takes KEY VALUE pairs; got an odd number of items: {out}")
+    threshold = getattr(args, "confidence_threshold", None)
+    if threshold is not None:
+        if not 0.0 <= threshold <= 1.0:
+            raise UsageError(f"--confidence-threshold must be in [0, 1], got {threshold}")
+        out += ["TEST.PERSON_SEARCH.DET_THRESH", str(threshold)]
+    return out
+
+
+def add_output_argument(parser: argparse.ArgumentParser, default: Optional[str],
+                        help: str = "output folder") -> argparse.ArgumentParser:
+    """``--output`` (``--out`` kept as an alias; ``args.output``), as Detectron2's tools name it."""
+    parser.add_argument("--output", "--out", dest="output", default=default, metavar="PATH",
+                        help=help + (f" (default {default})" if default else ""))
+    return parser
 
 
 def run_cli(prog: str, parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], List[str]],
