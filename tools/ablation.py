@@ -2,7 +2,7 @@
 """Train and evaluate a list of configs and print the paper's Table 1 for them.
 
     python tools/ablation.py configs/SynthPS/{oim,qrpn,qsimnet,qrpn_qsimnet,qeeps}.yaml \\
-        --gallery-sizes 50 100 --out output/synthps/table1.md
+        --gallery-sizes 50 100 --output output/synthps/table1.md
 
 With `--opts TEST.PERSON_SEARCH.USE_GT_BOXES True` the same models are scored with the annotated
 gallery boxes (re-identification alone; rows labelled "GT boxes", evaluated in their own folder).
@@ -16,13 +16,14 @@ import os
 import sys
 
 from qeeps_d2.engine.experiments import format_table, run_config
+from qeeps_d2.utils.cli import add_output_argument
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("configs", nargs="+")
     parser.add_argument("--gallery-sizes", type=int, nargs="+", default=[50, 100])
-    parser.add_argument("--out", help="also write the markdown table (and a .json) here")
+    add_output_argument(parser, None, help="also write the markdown table (and a .json) here")
     parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[],
                         help="KEY VALUE overrides applied to every config")
     args = parser.parse_args(argv)
@@ -32,11 +33,11 @@ def main(argv=None):
         print(format_table(rows[-1:], args.gallery_sizes).splitlines()[-1], flush=True)
     table = format_table(rows, args.gallery_sizes)
     print(table)
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
+    if args.output:
+        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+        with open(args.output, "w") as f:
             f.write(table + "\n")
-        with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
+        with open(os.path.splitext(args.output)[0] + ".json", "w") as f:
             json.dump(rows, f, indent=1)
     return 0
 
