@@ -49,7 +49,7 @@ from ..engine.trainer import setup_cfg
 from ..evaluation.cascade import FIRST_STAGE_OFFSET, LOW_RESCORED_OFFSET, rescored_floor
 from .gallery import GalleryFrame, read_image_bgr
 
-__all__ = ["Match", "PersonSearcher", "resolve_device"]
+__all__ = ["Match", "PersonSearcher", "merge_cascade_matches", "resolve_device"]
 
 Box = Tuple[float, float, float, float]
 
@@ -127,8 +127,8 @@ class _ArrayMapper(PersonSearchMapper):
 class _FrameShortlist:
     """Cascade bookkeeping while the gallery streams: the ``k`` frames with the best first-stage
     similarity so far (ties: the earlier frame) with their first-stage matches, and the best
-    ``topk`` first-stage matches (similarity shifted by ``-FIRST_STAGE_OFFSET``) of every other
-    frame. A frame that leaves the shortlist never returns to it (the frames that pushed it out
+    ``topk`` first-stage matches of every other frame (:attr:`others`, unshifted;
+    :func:`merge_cascade_matches` shifts them). A frame that leaves the shortlist never returns to it (the frames that pushed it out
     stay ahead), so trimming the others to ``topk`` loses nothing."""
 
     def __init__(self, k: int, topk: Optional[int]):
@@ -147,15 +147,53 @@ class _FrameShortlist:
             return
         if item[:2] > self._heap[0][:2]:
             item = heapq.heapreplace(self._heap, item)
-        shifted = [dataclasses.replace(m, similarity=m.similarity - FIRST_STAGE_OFFSET)
-                   for m in item[4]]
         # ties: gallery order (frame indices grow along the gallery)
-        self.others = sorted(self.others + shifted,
+        self.others = sorted(self.others + item[4],
                              key=lambda m: (-m.similarity, m.index))[: self._topk]
 
     def frames(self) -> List[GalleryFrame]:
         """The shortlisted frames in gallery order."""
         return [item[3] for item in sorted(self._heap, key=lambda item: item[2])]
+
+
+@dataclass(frozen=True)
+class _Query:
+    """A checked query: its name, box, ``{name: image in the model's format}`` and mapped input."""
+
+    name: str
+    box: List[float]
+    images: Dict[str, np.ndarray]
+    input: Dict
+
+
+def merge_cascade_matches(
+    rescored: Sequence[Sequence[Match]], others: Sequence[Match], topk: Optional[int]
+) -> List[Match]:
+    """The cascade's ranking of one query's matches (the rule of
+    :mod:`qeeps_d2.evaluation.cascade`): re-scored matches first, each frame's pair-mode matches
+    as they are, except those below the floor (the lowest best similarity of the re-scored
+    frames, set only when other frames have matches), shifted by ``-LOW_RESCORED_OFFSET``; then
+    the first-stage matches of the other frames shifted by ``-FIRST_STAGE_OFFSET``.
+
+    Args:
+        rescored: per re-scored frame (in gallery order), its pair-mode matches.
+        others: first-stage matches of the frames that were not re-scored (at least their best
+            ``topk``), unshifted, in gallery order among equal similarities.
+        topk: matches to keep (None: all).
+
+    Returns:
+        the merged matches, similarity descending (ties: re-scored before others, then the
+        order given).
+    """
+    floor = rescored_floor(max((m.similarity for m in found), default=-math.inf)
+                           for found in rescored) if others else -math.inf
+    merged = [m if m.similarity >= floor
+              else dataclasses.replace(m, similarity=m.similarity - LOW_RESCORED_OFFSET)
+              for found in rescored for m in found]
+    merged += [dataclasses.replace(m, similarity=m.similarity - FIRST_STAGE_OFFSET)
+               for m in others]
+    merged.sort(key=lambda m: -m.similarity)  # stable: ties keep the order above
+    return merged[:topk]
 
 
 class PersonSearcher:
@@ -276,19 +314,7 @@ class PersonSearcher:
             if not self.query_guided:
                 raise ValueError("cascade search needs a query-guided model; this one is "
                                  "query-agnostic (it already runs each frame once)")
-        if isinstance(query_image, (str, os.PathLike)):
-            query_name = f"query image {query_image}"
-            query = read_image_bgr(str(query_image))
-        else:
-            query_name = "query image"
-            query = _check_bgr(query_image, query_name)
-        box = [float(v) for v in np.asarray(query_box, dtype=np.float64).reshape(-1)]
-        if len(box) != 4:
-            raise ValueError(f"query box must be (x1, y1, x2, y2), got {list(query_box)}")
-        query_images = {query_name: _model_format(query, self._mapper.image_format)}
-        # mapping the query record checks the box against the image in both modes
-        query_input = self._mapper.map({"file_name": query_name, "query_box": box}, query_images)
-
+        query = self._prepare_query(query_image, query_box)
         matches: List[Match] = []
         shortlist = _FrameShortlist(cascade_topk, topk) if cascade_topk else None
         pairs = self.query_guided and shortlist is None  # else query-agnostic: frames once
@@ -296,13 +322,13 @@ class PersonSearcher:
         desc = "search" if shortlist is None else "cascade stage 1"
         with torch.no_grad(), tqdm(total=total, unit="frame", desc=desc,
                                    disable=not progress) as bar:
-            query_embed = None if pairs else self.model([query_input])[0]["query_embed"]
+            query_embed = None if pairs else self.model([query.input])[0]["query_embed"]
             while True:
                 batch = list(itertools.islice(frames, batch_size))
                 if not batch:
                     break
                 if pairs:
-                    outputs = self._run_pairs(batch, query_name, box, query_images)
+                    outputs = self._run_pairs(batch, query)
                 else:
                     outputs = self._run_gallery(batch)
                 for frame, out in zip(batch, outputs):
@@ -317,27 +343,85 @@ class PersonSearcher:
                 bar.update(len(batch))
         if shortlist is None:
             return matches
-        # stage 2: the shortlisted frames as pairs, ranked above every first-stage match
-        shortlisted = shortlist.frames()
+        # stage 2: the shortlisted frames as pairs, merged with the others' first-stage matches
+        rescored = self._rescore(query, shortlist.frames(), batch_size, progress, keep_frames)
+        return merge_cascade_matches(rescored, shortlist.others, topk)
+
+    def embed_query(self, query_image: Union[str, np.ndarray],
+                    query_box: Sequence[float]) -> torch.Tensor:
+        """The (D,) L2-normalised query-agnostic embedding of the person in ``query_box``
+        (x1, y1, x2, y2) of ``query_image`` (a path or an (H, W, 3) uint8 BGR array), as
+        :meth:`search` embeds the query of a query-agnostic model (one forward pass).
+
+        Raises:
+            ValueError, FileNotFoundError: as :meth:`search` for the query.
+        """
+        query = self._prepare_query(query_image, query_box)
+        with torch.no_grad():
+            return self.model([query.input])[0]["query_embed"]
+
+    def detect(self, frames: Sequence[GalleryFrame]) -> List:
+        """The query-agnostic detections of each frame: ``Instances`` with ``pred_boxes`` (frame
+        pixels), ``scores`` >= ``DET_THRESH`` and ``pred_embeds`` (N, D) L2-normalised; frames of
+        one size share a forward pass, so a frame's result does not depend on the others."""
+        with torch.no_grad():
+            outputs = self._run_gallery(list(frames))
+        return [out["instances"][out["instances"].scores >= self.det_thresh] for out in outputs]
+
+    def rescore(
+        self,
+        query_image: Union[str, np.ndarray],
+        query_box: Sequence[float],
+        frames: Sequence[GalleryFrame],
+        batch_size: int = 4,
+        progress: bool = True,
+        keep_frames: bool = False,
+    ) -> List[List[Match]]:
+        """Query-guided models: run each frame as a (query, frame) pair; per frame, its matches
+        with ``det_score >= DET_THRESH`` (similarity = ``pred_sims``), in the frames' order: the
+        cascade's second stage (merge with :func:`merge_cascade_matches`).
+
+        Raises:
+            ValueError: a query-agnostic model, ``batch_size`` < 1, a bad query (as
+                :meth:`search`).
+        """
+        if not self.query_guided:
+            raise ValueError("re-scoring frames as (query, frame) pairs needs a query-guided "
+                             "model; this one is query-agnostic")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        query = self._prepare_query(query_image, query_box)
+        return self._rescore(query, list(frames), batch_size, progress, keep_frames)
+
+    def _rescore(self, query: "_Query", frames: List[GalleryFrame], batch_size: int,
+                 progress: bool, keep_frames: bool) -> List[List[Match]]:
         rescored: List[List[Match]] = []
-        with torch.no_grad(), tqdm(total=len(shortlisted), unit="frame", desc="re-score",
+        with torch.no_grad(), tqdm(total=len(frames), unit="frame", desc="re-score",
                                    disable=not progress) as bar:
-            for start in range(0, len(shortlisted), batch_size):
-                batch = shortlisted[start : start + batch_size]
-                outputs = self._run_pairs(batch, query_name, box, query_images)
+            for start in range(0, len(frames), batch_size):
+                batch = frames[start : start + batch_size]
+                outputs = self._run_pairs(batch, query)
                 for frame, out in zip(batch, outputs):
                     rescored.append(self._matches(frame, out["instances"], None, keep_frames))
                 bar.update(len(batch))
-        # re-scored matches below the floor rank below the first-stage ones (see the cascade's
-        # merge in qeeps_d2/evaluation/cascade.py)
-        floor = rescored_floor(max((m.similarity for m in found), default=-math.inf)
-                               for found in rescored) if shortlist.others else -math.inf
-        matches = [m if m.similarity >= floor
-                   else dataclasses.replace(m, similarity=m.similarity - LOW_RESCORED_OFFSET)
-                   for found in rescored for m in found]
-        # stable: ties keep gallery order
-        matches = sorted(matches + shortlist.others, key=lambda m: -m.similarity)
-        return matches[:topk]
+        return rescored
+
+    def _prepare_query(self, query_image, query_box) -> "_Query":
+        """Read / check the query image and box and map the query record (which checks the box
+        against the image)."""
+        if isinstance(query_image, (str, os.PathLike)):
+            name = f"query image {query_image}"
+            image = read_image_bgr(str(query_image))
+        else:
+            name = "query image"
+            image = _check_bgr(query_image, name)
+        box = [float(v) for v in np.asarray(query_box, dtype=np.float64).reshape(-1)]
+        if len(box) != 4:
+            raise ValueError(f"query box must be (x1, y1, x2, y2), got {list(query_box)}")
+        images = {name: _model_format(image, self._mapper.image_format)}
+        # mapping the query record checks the box against the image in both modes
+        record = self._mapper.map({"file_name": name, "query_box": box}, images)
+        return _Query(name, box, images, record)
 
     def _frame_images(self, frame: GalleryFrame) -> Dict[str, np.ndarray]:
         image = _check_bgr(frame.image, f"gallery frame {frame.name}")
@@ -355,11 +439,11 @@ class PersonSearcher:
         inputs = [self._mapper.map({"file_name": f.name}, self._frame_images(f)) for f in batch]
         return self._forward(inputs)
 
-    def _run_pairs(self, batch, query_name, box, query_images) -> List[Dict]:
+    def _run_pairs(self, batch, query: "_Query") -> List[Dict]:
         inputs = [
             self._mapper.map(
-                {"file_name": f.name, "query_file_name": query_name, "query_box": box},
-                {**query_images, **self._frame_images(f)},
+                {"file_name": f.name, "query_file_name": query.name, "query_box": query.box},
+                {**query.images, **self._frame_images(f)},
             )
             for f in batch
         ]
