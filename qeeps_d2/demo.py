@@ -9,8 +9,9 @@
    (``configs/SynthPS/qeeps.yaml``) - each skipped when its ``model_final.pth`` exists and
    resumed from its last checkpoint after an interruption;
 4. evaluates both on ``synthps_test`` (gallery 100, and gallery 50 scored from the same run);
-5. prints the side-by-side table and writes ``<out>/report.html``: per sampled query, the query
-   and the top-5 matches of each model, right (green) and wrong (red) marked.
+5. prints the side-by-side table and writes ``<out>/report.html`` with the results viewer
+   (:mod:`qeeps_d2.viewer`): per sampled query, the query and the top-5 matches of each model,
+   right (green) and wrong (red) marked, and a sortable table of every query's AP and top-1.
 
 Runs on the GPU when one is present (the configs' default device), else on the CPU.
 """
@@ -45,24 +46,15 @@ def top_matches(gallery, detections: Dict[str, np.ndarray], k: int = 5, det_thre
         detections: image -> (N, 6) rows [x1, y1, x2, y2, det_score, similarity].
     Returns:
         list of (image name, box (4,), det_score, similarity, correct) where ``correct`` is
-        True when the box finds the query person with the protocol's IoU rule.
+        True when the box is the protocol's true positive for the query person (its IoU rule,
+        one per gallery image; :func:`qeeps_d2.evaluation.ranking.rank_query`, the ranking the
+        results viewer shows).
     """
-    from qeeps_d2.evaluation.box_iou import box_iou
-    from qeeps_d2.evaluation.search_metrics import iou_thresholds
+    from qeeps_d2.evaluation.ranking import rank_query
 
-    gt = {}
-    for name, box in zip(gallery.images, gallery.gt_boxes):
-        if not np.isnan(box[0]):
-            gt[name] = box
-    rows = [(name, r) for name in dict.fromkeys(gallery.images)
-            for r in detections.get(name, np.zeros((0, 6))) if r[4] >= det_thresh]
-    rows.sort(key=lambda nr: -nr[1][5])
-    out = []
-    for name, r in rows[:k]:
-        box = gt.get(name)
-        correct = box is not None and box_iou(r[:4], box) >= iou_thresholds(box[None])[0]
-        out.append((name, r[:4], float(r[4]), float(r[5]), bool(correct)))
-    return out
+    ranked = rank_query(gallery, detections, det_thresh).top(k)
+    return [(name, r[:4], float(r[4]), float(r[5]), bool(ok))
+            for name, r, ok in zip(ranked.images, ranked.rows, ranked.correct)]
 
 
 def top1_similarities(protocol, detections: Dict[int, Dict[str, np.ndarray]],
@@ -88,52 +80,18 @@ def format_similarities(label: str, sims: Dict[str, List[float]]) -> str:
 
 
 def _report(out_dir: str, rows: Sequence[Dict], num_queries: int, seed: int = 0) -> str:
-    """Render the per-query strips of both models and write ``<out_dir>/report.html``."""
-    import cv2
+    """Write ``<out_dir>/report.html`` with the results viewer (:mod:`qeeps_d2.viewer`): per
+    sampled query, both models' top-5 matches side by side, and the table of every query."""
+    from qeeps_d2.viewer import QuerySelection, build_viewer
 
-    from qeeps_d2.data.datasets.catalog import load_protocol
-    from qeeps_d2.evaluation.results_file import read_results
-    from qeeps_d2.search import Match, match_strip, read_image_bgr, write_html_report
-
-    protocol = load_protocol("synthps_test", max(GALLERY_SIZES))
-    detections = [read_results(r["results"]).detections_by_query() for r in rows]
-    common = sorted(set.intersection(*(set(d) for d in detections)))
-    rng = np.random.RandomState(seed)
-    picked = sorted(rng.choice(common, size=min(num_queries, len(common)), replace=False))
-    image_dir = os.path.join(out_dir, "report_images")
-    os.makedirs(image_dir, exist_ok=True)
-    cache: Dict[str, np.ndarray] = {}
-
-    def image(name):
-        if name not in cache:
-            cache[name] = read_image_bgr(os.path.join(protocol.image_root, name))
-        return cache[name]
-
-    sections = []
-    for q in picked:
-        query = protocol.queries[q]
-        gallery = protocol.gallery(q)
-        strips = []
-        for (label, _), row, dets in zip(MODELS, rows, detections):
-            found = top_matches(gallery, dets[q])
-            matches = [Match(n, 0, tuple(b), s, sim, image(n)) for n, b, s, sim, _ in found]
-            hits = sum(c for *_, c in found)
-            strips.append(match_strip(
-                image(query.image), query.box, matches, correct=[c for *_, c in found],
-                title=f"{label}: {hits} of top-{len(found)} correct "
-                      f"({gallery.count_gt} images hold this person)"))
-        width = max(s.shape[1] for s in strips)
-        strips = [np.pad(s, ((0, 0), (0, width - s.shape[1]), (0, 0)), constant_values=255)
-                  for s in strips]
-        path = os.path.join(image_dir, f"query_{q:04d}.jpg")
-        cv2.imwrite(path, np.concatenate(strips, axis=0))
-        sections.append((f"Query {q} ({query.image})", [path],
-                         "Top-5 matches at gallery size 100: green = the query person "
-                         "(IoU rule of the protocol), red = someone else."))
-    index = write_html_report(out_dir, "QEEPS-D2 demo on SynthPS: OIM vs QEEPS", sections)
-    report = os.path.join(out_dir, "report.html")
-    os.replace(index, report)
-    return report
+    selection = (QuerySelection(sample=num_queries, seed=seed) if num_queries > 0
+                 else QuerySelection(queries=[]))
+    report = build_viewer(
+        [r["results"] for r in rows], out_dir, labels=[label for label, _ in MODELS],
+        dataset="synthps_test", gallery_size=max(GALLERY_SIZES), topk=5,
+        selection=selection, page_name="report.html",
+        image_folder="report_images", title="QEEPS-D2 demo on SynthPS: OIM vs QEEPS")
+    return report.page
 
 
 def _table(rows: List[Dict]) -> str:

@@ -18,6 +18,7 @@ __all__ = [
     "CORRECT_COLOUR",
     "MATCH_COLOUR",
     "QUERY_COLOUR",
+    "REPORT_CSS",
     "WRONG_COLOUR",
     "draw_matches",
     "match_strip",
@@ -237,6 +238,7 @@ figure { margin: 0 0 12px; }
 figure img { max-width: 100%; height: auto; border: 1px solid #ddd; display: block; }
 p.caption { color: #555; font-size: 14px; margin: 6px 0 0; white-space: pre-wrap; }
 """
+REPORT_CSS = _CSS  # the report pages' style sheet (shared by the results viewer)
 
 
 def write_html_report(
