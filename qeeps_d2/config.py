@@ -133,6 +133,12 @@ def add_qeeps_config(cfg):
     # trunks, whose embeddings already separate people.
     _C.MODEL.QEEPS.OIM.LUT_INIT = "zeros"
 
+    # Custom person-search data sets: JSON files (format: qeeps_d2/data/datasets/custom.py)
+    # that setup_cfg registers under the "name" each holds, so that DATASETS.TRAIN / TEST can
+    # name them, e.g. ("data/shop_train.json", "data/shop_test.json"); paths relative to the
+    # working directory.
+    _C.DATASETS.PERSON_SEARCH_FILES = ()
+
     # Training data: query-gallery pairs (used when any query-guidance switch is on).
     _C.DATALOADER.PAIRS = CN()
     # Gallery images sampled per query and epoch (-1 = every gallery image holding the query

@@ -164,7 +164,7 @@ def _error(capsys, argv):
 def test_user_errors_are_one_line_exit_2(tmp_path, capsys, monkeypatch):
     good = _write(tmp_path, "cuhk_sysu_test", CUHK_QUERIES)
     cuhk = ["--dataset", "cuhk_sysu_test"]
-    assert "invalid choice: 'coco'" in _error(capsys, ["--dataset", "coco", good])
+    assert "--dataset: unknown test set 'coco'" in _error(capsys, ["--dataset", "coco", good])
     assert "RESULTS" in _error(capsys, cuhk)
     assert "not found" in _error(capsys, cuhk + [str(tmp_path / "no.json")])
     assert "gallery size 77" in _error(capsys, cuhk + ["--gallery-size", "77", good])

@@ -1,5 +1,5 @@
 """Person-search data: the data sets (:mod:`.datasets`: CUHK-SYSU, PRW and SynthPS readers,
-their registration and search protocols), the SynthPS generator (:mod:`.synthps`), and what a
+custom sets from one JSON file each, their registration and search protocols), the SynthPS generator (:mod:`.synthps`), and what a
 config trains and tests on: records (:mod:`.pairs`, :mod:`.search_inputs`), the mapper, samplers
 and loaders (:mod:`.build`)."""
 from .build import (
@@ -11,6 +11,11 @@ from .build import (
     train_image_records,
 )
 from .dataset_dicts import UNLABELED, detection_ground_truth, make_image_dicts
+from .datasets.builtin import (
+    register_person_search,
+    register_person_search_file,
+    register_person_search_files,
+)
 from .datasets.catalog import (
     DATASET_NAMES,
     dataset_root,
@@ -18,6 +23,7 @@ from .datasets.catalog import (
     load_dataset_dicts,
     load_protocol,
     num_pids,
+    registered_names,
 )
 from .mapper import PersonSearchMapper
 from .pairs import build_pair_records
@@ -35,12 +41,16 @@ __all__ = [
     "UNLABELED",
     "detection_ground_truth",
     "make_image_dicts",
+    "register_person_search",
+    "register_person_search_file",
+    "register_person_search_files",
     "DATASET_NAMES",
     "dataset_root",
     "datasets_root",
     "load_dataset_dicts",
     "load_protocol",
     "num_pids",
+    "registered_names",
     "PersonSearchMapper",
     "build_pair_records",
     "ResumableTrainLoader",

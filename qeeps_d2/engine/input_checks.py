@@ -1,5 +1,6 @@
 """Checks of ``train_net.py``'s inputs before anything is written: config file and overrides,
-data set names, the data sets' files, the weights.
+custom data set files (``DATASETS.PERSON_SEARCH_FILES``), data set names, the data sets' files,
+the weights.
 
 :func:`check_train_net_inputs` raises ``ValueError`` / ``FileNotFoundError`` /
 :class:`~qeeps_d2.checkpoint.CheckpointError` with one message naming the bad input (the config
@@ -17,12 +18,12 @@ from typing import Iterator, Sequence
 import yaml
 
 from detectron2.config import get_cfg
-from detectron2.data import DatasetCatalog
 from detectron2.modeling import build_model
 
 from qeeps_d2.checkpoint import QEEPSCheckpointer, warn_before_unpickling
 from qeeps_d2.config import add_qeeps_config
-from qeeps_d2.data.datasets.catalog import DATASET_NAMES
+from qeeps_d2.data.datasets.builtin import register_person_search_files
+from qeeps_d2.data.datasets.catalog import is_registered, registered_names
 
 __all__ = ["check_train_net_inputs"]
 
@@ -57,15 +58,17 @@ def _check_config(config_file: str, opts: Sequence[str]):
 
 
 def _check_dataset_names(cfg, eval_only: bool) -> None:
-    registered = set(DatasetCatalog.list())
+    """Every name of DATASETS.TRAIN (unless ``eval_only``) and DATASETS.TEST must be a
+    registered person-search data set (built in, or a file of DATASETS.PERSON_SEARCH_FILES)."""
     keys = (("DATASETS.TEST", cfg.DATASETS.TEST),) if eval_only else (
         ("DATASETS.TRAIN", cfg.DATASETS.TRAIN), ("DATASETS.TEST", cfg.DATASETS.TEST))
     for key, names in keys:
         for name in names:
-            if name not in registered:
+            if not is_registered(name):
                 raise ValueError(
                     f"{key}: unknown data set {name!r}; the person-search sets are "
-                    f"{', '.join(DATASET_NAMES)}"
+                    f"{', '.join(registered_names())} (custom sets: their JSON files in "
+                    "DATASETS.PERSON_SEARCH_FILES)"
                 )
 
 
@@ -115,8 +118,9 @@ def check_train_net_inputs(config_file: str, opts: Sequence[str], eval_only: boo
         FileNotFoundError: a missing config file, data set folder, annotation file or weights
             file.
         ValueError: a config that does not parse or has unknown keys or wrong value types,
-            an override of an unknown key, an unknown data set name, an annotation file of
-            the wrong layout (each message names the file or key).
+            an override of an unknown key, a malformed custom data set file, an unknown data
+            set name, an annotation file of the wrong layout (each message names the file or
+            key).
         qeeps_d2.checkpoint.CheckpointError: weights that cannot be read, that fit no backbone
             weight of the model, or, with ``eval_only``, that miss or add any key the model
             uses at inference (one line naming the file and the groups of keys).
@@ -125,11 +129,11 @@ def check_train_net_inputs(config_file: str, opts: Sequence[str], eval_only: boo
     from qeeps_d2.engine.trainer import setup_cfg
 
     cfg = _check_config(config_file, opts)
+    register_person_search_files(cfg.DATASETS.PERSON_SEARCH_FILES)
     _check_dataset_names(cfg, eval_only)
     cfg = setup_cfg(config_file, opts, resolve_schedule=False)
     if not eval_only:
         build_train_records(cfg)
     for name in cfg.DATASETS.TEST:
-        if name in DATASET_NAMES:
-            load_test_protocol(cfg, name)
+        load_test_protocol(cfg, name)
     _check_weights(cfg, eval_only, resume)

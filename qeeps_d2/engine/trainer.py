@@ -21,6 +21,7 @@ from qeeps_d2.data.build import (
     load_test_protocol,
     train_image_records,
 )
+from qeeps_d2.data.datasets.builtin import register_person_search_files
 from qeeps_d2.data.datasets.catalog import num_pids
 from qeeps_d2.data.mapper import PersonSearchMapper
 from qeeps_d2.data.samplers import ResumableTrainLoader
@@ -240,9 +241,10 @@ def setup_cfg(config_file: str, opts=(), args=None, resolve_schedule: bool = Tru
     """get_cfg + add_qeeps_config + file + overrides, device fallback, epoch schedule, freeze.
 
     With ``args`` (from ``default_argument_parser``) also runs Detectron2's ``default_setup``
-    (output dir, logging, environment dump, seeding). ``MODEL.QEEPS.OIM.NUM_PIDS`` 0 becomes the
-    training set's number of identities (the model is sized from the config alone). For
-    training, ``SEED -1`` is first
+    (output dir, logging, environment dump, seeding). The custom data sets of
+    ``DATASETS.PERSON_SEARCH_FILES`` are registered first (under the names their files hold).
+    ``MODEL.QEEPS.OIM.NUM_PIDS`` 0 becomes the training set's number of identities (the model
+    is sized from the config alone). For training, ``SEED -1`` is first
     replaced by the run's seed (:func:`~qeeps_d2.engine.run_state.resolve_run_seed`: drawn and
     stored in ``OUTPUT_DIR``, reused by ``--resume``). ``resolve_schedule`` turns
     ``SOLVER.EPOCHS`` into iterations, which reads the training data set (skipped for
@@ -253,6 +255,7 @@ def setup_cfg(config_file: str, opts=(), args=None, resolve_schedule: bool = Tru
     cfg.merge_from_file(config_file)
     cfg.merge_from_list(list(opts))
     _command_line_iterations_win(cfg, list(opts))
+    register_person_search_files(cfg.DATASETS.PERSON_SEARCH_FILES)
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         logger.warning("MODEL.DEVICE is %s but CUDA is not available: using the CPU", cfg.MODEL.DEVICE)
         cfg.MODEL.DEVICE = "cpu"

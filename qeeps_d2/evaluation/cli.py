@@ -2,8 +2,11 @@
 
 ::
 
-    qeeps-eval --dataset NAME [--gallery-size N] [--cross-camera] [--det-thresh 0.5] [--json]
-               RESULTS
+    qeeps-eval --dataset NAME|FILE.json [--gallery-size N] [--cross-camera] [--det-thresh 0.5]
+               [--json] RESULTS
+
+``--dataset`` names a registered test set, or is a custom data set file (``.json`` /
+``.json.gz``, :mod:`qeeps_d2.data.datasets.custom`), registered under the name it holds.
 
 Prints mAP, top-1/5/10 and the number of queries (and detection AP / recall when the file holds
 query-independent ``gallery_detections``). A file covering only some queries is scored on those
@@ -21,7 +24,16 @@ import json
 import sys
 from typing import Dict, List, Optional, Sequence
 
-from ..data.datasets.catalog import DATASET_NAMES, load_dataset_dicts, load_protocol
+from ..data.datasets.builtin import register_person_search_file
+from ..data.datasets.catalog import (
+    is_registered,
+    is_test_set,
+    load_dataset_dicts,
+    load_protocol,
+    protocol_info,
+    test_set_names,
+)
+from ..data.datasets.custom import is_person_search_path
 from ..data.dataset_dicts import detection_ground_truth
 from ..data.search_protocol import SearchProtocol
 from .detection_metrics import evaluate_detections
@@ -31,19 +43,19 @@ from ..utils.cli import ArgumentParser, UsageError, run_cli
 
 __all__ = ["main"]
 
-_TEST_SETS = tuple(n for n in DATASET_NAMES if n.endswith("_test"))
-_CAMERA_SETS = ("prw_test", "prw_mini_test")
-
 
 def _parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="qeeps-eval",
                 description="Score a person-search results file against a data set's protocol.")
     p.add_argument("results", metavar="RESULTS", help="results file (.json or .json.gz)")
-    p.add_argument("--dataset", required=True, choices=_TEST_SETS, help="registered test set")
+    p.add_argument("--dataset", required=True, metavar="NAME|FILE.json",
+                   help="registered test set (" + ", ".join(test_set_names())
+                   + "), or a custom data set file (.json / .json.gz)")
     p.add_argument("--gallery-size", type=int, default=100,
                    help="CUHK-SYSU style sets: 50, 100, 500, 1000, 2000, 4000 or -1 (whole pool)")
     p.add_argument("--cross-camera", action="store_true",
-                   help="PRW: search only frames of other cameras than the query's")
+                   help="PRW (and custom sets with camera ids): search only frames of other "
+                   "cameras than the query's")
     p.add_argument("--det-thresh", type=float, default=0.5,
                    help="detections with det_score >= this are ranked (default 0.5)")
     p.add_argument("--json", action="store_true",
@@ -51,12 +63,26 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _setting(args) -> str:
-    if args.dataset in _CAMERA_SETS:
-        return "cross-camera protocol" if args.cross_camera else "standard protocol"
-    if args.gallery_size == -1:
-        return "gallery size: whole pool"
-    return f"gallery size {args.gallery_size}"
+def _test_set(text: str) -> str:
+    """The test set ``--dataset`` names: a registered name, or the name held by a custom data
+    set file (registered here)."""
+    if is_person_search_path(text):
+        return register_person_search_file(text)
+    if not is_registered(text) or not is_test_set(text):
+        what = (f"{text} is a training set (no search protocol)" if is_registered(text)
+                else f"unknown test set {text!r}")
+        raise UsageError(f"--dataset: {what}; registered test sets: "
+                         f"{', '.join(test_set_names())}; or give a custom data set file "
+                         "(.json / .json.gz)")
+    return text
+
+
+def _setting(dataset: str, protocol: SearchProtocol) -> str:
+    if protocol_info(dataset)["gallery_sizes"]:
+        size = protocol.name.rpartition("/G")[2]
+        return "gallery size: whole pool" if size == "-1" else f"gallery size {size}"
+    return "cross-camera protocol" if protocol.name.endswith("/cross_camera") \
+        else "standard protocol"
 
 
 def _detection_metrics(
@@ -76,6 +102,7 @@ def _detection_metrics(
 def _run(args) -> List[str]:
     if args.det_thresh < 0:
         raise UsageError(f"--det-thresh must be >= 0, got {args.det_thresh}")
+    dataset = _test_set(args.dataset)
     results = read_results(args.results)
     min_score = results.extra.get("min_det_score")
     if isinstance(min_score, (int, float)) and args.det_thresh < min_score:
@@ -83,17 +110,18 @@ def _run(args) -> List[str]:
             f"{args.results} only holds detections with det_score >= {min_score}; "
             f"--det-thresh {args.det_thresh} cannot be evaluated from it"
         )
-    protocol = load_protocol(args.dataset, args.gallery_size, args.cross_camera)
+    protocol = load_protocol(dataset, args.gallery_size, args.cross_camera)
     validate_against_protocol(results, protocol, args.results)
     scores = score_search(protocol, results.detections_by_query(), args.det_thresh)
     n, total = len(scores), len(protocol)
     summary = scores.summary()
-    summary.update(dataset=args.dataset, protocol=protocol.name, det_thresh=args.det_thresh,
+    summary.update(dataset=dataset, protocol=protocol.name, det_thresh=args.det_thresh,
                    partial=n < total, num_queries_total=total)
 
     gt_boxes = results.extra.get("gt_boxes") is True
     summary["gt_boxes"] = gt_boxes
-    lines = [f"Person search on {args.dataset} ({_setting(args)}), det_thresh {args.det_thresh:g}"
+    lines = [f"Person search on {dataset} ({_setting(dataset, protocol)}), det_thresh "
+             f"{args.det_thresh:g}"
              + (", with ground-truth boxes (re-identification alone)" if gt_boxes else "")]
     partial = f"  (partial: {n} of {total} queries)" if n < total else ""
     lines.append(f"  {'queries':<7}{n:7d}{partial}")

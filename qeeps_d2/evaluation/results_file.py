@@ -20,9 +20,10 @@ is kept as is in :attr:`SearchResults.extra`. The evaluator writes ``"mode"`` (`
 ``"num_pairs"``, and its similarities below -1 are first-stage scores shifted down by 3
 (``qeeps_d2.evaluation.cascade``), so similarities are not bounded to [-1, 1].
 
-:func:`read_results` checks the file on its own (format tag, known data set, structure, rows;
-exact duplicate rows of one gallery image, which no detector produces and which would count as
-false positives, are collapsed with a warning);
+:func:`read_results` checks the file on its own (format tag, registered data set: built in, or
+custom and registered in this process; structure, rows; exact duplicate rows of one gallery
+image, which no detector produces and which would count as false positives, are collapsed with
+a warning);
 :func:`validate_against_protocol` checks it against the protocol it is scored with.
 """
 from __future__ import annotations
@@ -37,7 +38,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from ..data.datasets.catalog import DATASET_NAMES
+from ..data.datasets.catalog import is_registered, registered_names
 from ..data.search_protocol import SearchProtocol
 
 logger = logging.getLogger(__name__)
@@ -263,9 +264,10 @@ def read_results(path: str) -> SearchResults:
             f"{path}: format tag must be {RESULTS_FORMAT!r}, got {doc.get('format')!r}"
         )
     dataset = doc.get("dataset")
-    if dataset not in DATASET_NAMES:
+    if not isinstance(dataset, str) or not is_registered(dataset):
         raise ValueError(
-            f"{path}: unknown dataset {dataset!r}; known: {', '.join(DATASET_NAMES)}"
+            f"{path}: unknown dataset {dataset!r}; known: {', '.join(registered_names())} (a "
+            "custom set must be registered first, e.g. qeeps-eval --dataset its .json file)"
         )
     raw_queries = doc.get("queries")
     if not isinstance(raw_queries, list):
