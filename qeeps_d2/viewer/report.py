@@ -202,9 +202,9 @@ def render_query(protocol: SearchProtocol, row: QueryRow, models: Sequence[Model
         ranked = rank_query(gallery, model.detections.get(row.index, {}), det_thresh).top(topk)
         matches = [Match(name, 0, tuple(r[:4].tolist()), float(r[4]), float(r[5]), read(name))
                    for name, r in zip(ranked.images, ranked.rows)]
+        title = _strip_title(model.label, row, k, ranked, model.ap(row.index))
         strips.append(match_strip(read(query.image), query.box, matches,
-                                  correct=ranked.correct.tolist(),
-                                  title=_strip_title(model.label, row, k, ranked, model.ap(row.index))))
+                                  correct=ranked.correct.tolist(), title=title))
     width = max(s.shape[1] for s in strips)
     strips = [np.pad(s, ((0, 0), (0, width - s.shape[1]), (0, 0)), constant_values=255)
               for s in strips]
@@ -287,12 +287,12 @@ def build_viewer(results: Sequence[str], out_dir: str, *, labels: Optional[Seque
         raise ValueError(f"topk must be at least 1, got {topk}")
     protocol, models = load_models(results, labels, dataset, gallery_size, cross_camera,
                                    det_thresh)
-    table = query_table(protocol, models, det_thresh, progress)
-    picked = select_queries([r.index for r in table], {r.index: r.ap[0] for r in table},
-                            selection)
+    common = sorted(set.intersection(*(set(m.queries) for m in models)))
+    picked = select_queries(common, {q: models[0].ap(q) for q in common}, selection)
     if picked and not os.path.isdir(protocol.image_root):
         raise FileNotFoundError(f"images folder {protocol.image_root} of {protocol.dataset} not "
                                 "found: the viewer draws the data set's images")
+    table = query_table(protocol, models, det_thresh, progress)
     by_index = {r.index: r for r in table}
     image_dir = os.path.join(out_dir, image_folder)
     os.makedirs(image_dir, exist_ok=True)

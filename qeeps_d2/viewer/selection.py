@@ -36,7 +36,8 @@ class QuerySelection:
             return f"the {self.worst} queries of lowest AP"
         if self.all:
             return "every query"
-        return f"{self.sample if self.sample is not None else 20} sampled queries (seed {self.seed})"
+        count = self.sample if self.sample is not None else 20
+        return f"{count} sampled queries (seed {self.seed})"
 
 
 def parse_query_list(text: str) -> List[int]:
