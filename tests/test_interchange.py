@@ -209,6 +209,24 @@ def test_topk_lists_follow_the_files_ranking(tmp_path):
     assert checked == 1
 
 
+def test_custom_data_set_file(tmp_path):
+    """--dataset FILE.json: the custom set's protocol, images and ids."""
+    from test_viewer import write_custom_set
+
+    data, queries = write_custom_set(str(tmp_path / "custom"), "interchange_custom_test")
+    path = str(tmp_path / "r.json")
+    write_results(path, "interchange_custom_test", queries)
+    top, det = str(tmp_path / "top.json"), str(tmp_path / "det.json")
+    assert main([path, "--dataset", data, "--topk", top, "--coco", det]) == 0
+    lists = _read(top)
+    assert lists["protocol"] == "interchange_custom_test"
+    assert lists["image_root"] == str(tmp_path / "custom")
+    assert [[(g["img"], g["correct"]) for g in r["gallery"]] for r in lists["results"]] == [
+        [("d.jpg", 0), ("c.jpg", 1)], [("a.jpg", 1), ("c.jpg", 0), ("d.jpg", 1)]]
+    ids = {e["image_id"] for e in _read(det)}
+    assert ids == {1, 3, 4}  # a, c, d: the file's image order, 1-based
+
+
 def test_one_line_errors(tmp_path, capsys):
     path = _write(tmp_path)
 

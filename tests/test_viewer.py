@@ -391,6 +391,49 @@ def test_one_line_errors(tmp_path, capsys, datasets_root):
     assert f"images folder {images / 'SSM'} of cuhk_sysu_test not found" in err
 
 
+def write_custom_set(folder, name):
+    """A custom data set file (qeeps_d2.data.datasets.custom) of 4 images and 2 queries."""
+    os.makedirs(folder, exist_ok=True)
+    people = {"a.jpg": [([10, 10, 30, 60], 1), ([50, 10, 70, 60], 2)],
+              "b.jpg": [([5, 5, 25, 55], 2)], "c.jpg": [([40, 20, 60, 70], 1)],
+              "d.jpg": [([60, 10, 80, 60], -1), ([10, 10, 30, 60], 2)]}
+    for seed, image in enumerate(people):
+        pixels = np.random.default_rng(seed).integers(0, 256, (80, 100, 3), dtype=np.uint8)
+        cv2.imwrite(os.path.join(folder, image), pixels)
+    doc = {"format": "qeeps-person-search", "version": 1, "name": name,
+           "images": [{"file_name": n, "width": 100, "height": 80,
+                       "boxes": [{"box": b, "person_id": p} for b, p in boxes]}
+                      for n, boxes in people.items()],
+           "protocol": {"gallery": "all_other_images", "queries": [
+               {"image": "a.jpg", "box": [10, 10, 30, 60], "person_id": 1},
+               {"image": "b.jpg", "box": [5, 5, 25, 55], "person_id": 2}]}}
+    path = os.path.join(folder, f"{name}.json")
+    with open(path, "w") as f:
+        json.dump(doc, f)
+    # query 0 (person 1) is in c.jpg: found at rank 2 (AP 1/2); query 1 (person 2) in a.jpg and
+    # d.jpg: ranks 1 and 3 (AP 5/6)
+    queries = [{"index": 0, "image": "a.jpg", "gallery": {
+                   "c.jpg": [[40, 20, 60, 70, 0.9, 0.7]], "d.jpg": [[60, 10, 80, 60, 0.9, 0.8]]}},
+               {"index": 1, "image": "b.jpg", "gallery": {
+                   "a.jpg": [[50, 10, 70, 60, 0.9, 0.9]], "d.jpg": [[10, 10, 30, 60, 0.8, 0.6]],
+                   "c.jpg": [[40, 20, 60, 70, 0.9, 0.7]]}}]
+    return path, queries
+
+
+def test_custom_data_set_file(tmp_path, capsys):
+    """--dataset FILE.json, as qeeps-eval takes it: the file's set is registered and viewed."""
+    data, queries = write_custom_set(str(tmp_path / "custom"), "viewer_custom_test")
+    path = _write(tmp_path, queries, dataset="viewer_custom_test")
+    expected = _eval_json(capsys, "--dataset", data, path)
+    out = tmp_path / "view"
+    assert main(["--results", path, "--dataset", data, "--all", "--output", str(out),
+                 "--no-progress"]) == 0
+    table = json.loads((out / "queries.json").read_text())
+    assert table["models"][0]["mAP"] == expected["mAP"] == pytest.approx((1 / 2 + 5 / 6) / 2)
+    assert [q["best_rank"] for q in table["queries"]] == [[2], [1]]
+    assert len(os.listdir(out / "images")) == 2
+
+
 def test_console_script_and_tools_wrapper(tmp_path, monkeypatch):
     scripts = {e.name: e.value for e in metadata.entry_points(group="console_scripts")}
     assert scripts["qeeps-view"] == "qeeps_d2.viewer.cli:main"

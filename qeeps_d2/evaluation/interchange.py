@@ -4,7 +4,7 @@
 
     qeeps-convert-results RESULTS [--coco DETECTIONS.json] [--coco-gt GT.json]
                           [--image-ids IDS.json] [--topk LISTS.json] [--k 10]
-                          [--dataset NAME] [--gallery-size 100] [--cross-camera]
+                          [--dataset NAME|FILE.json] [--gallery-size 100] [--cross-camera]
                           [--det-thresh T]
 
 **COCO detections** (``--coco``): the list that ``pycocotools``' ``COCO.loadRes`` and
@@ -43,7 +43,10 @@ det_score]``, ``score`` the similarity), with a few fields added::
 
 Unlike SeqNet's CUHK-SYSU dump (which keeps only queries whose top-1 is wrong and exactly 10
 entries), every query of the file is written, with at most k entries. Boxes are XYXY pixels of
-the original image throughout. User errors print one line and exit with status 2.
+the original image throughout. ``--dataset`` is the results file's data set by default; a
+custom data set file (``.json`` / ``.json.gz``, :mod:`qeeps_d2.data.datasets.custom`) is put
+into the catalog under the name it holds, as ``qeeps-eval`` does. User errors print one line
+and exit with status 2.
 """
 from __future__ import annotations
 
@@ -56,7 +59,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 import numpy as np
 
 from ..data.dataset_dicts import XYWH_ABS, XYXY_ABS
-from ..data.datasets.catalog import load_dataset_dicts, load_protocol
+from ..data.datasets.catalog import add_person_search_file, load_dataset_dicts, load_protocol
+from ..data.datasets.custom import is_person_search_path, read_person_search_file
 from ..data.search_protocol import SearchProtocol
 from ..utils.cli import ArgumentParser, UsageError, run_cli
 from .ranking import rank_query
@@ -226,7 +230,9 @@ def _parser() -> argparse.ArgumentParser:
                         "data set's image order, 1-based")
     p.add_argument("--topk", metavar="FILE", help="write per-query top-k lists here")
     p.add_argument("--k", type=int, default=10, help="entries per query in --topk (default 10)")
-    p.add_argument("--dataset", help="registered data set (default: the results file's)")
+    p.add_argument("--dataset", metavar="NAME|FILE.json",
+                   help="registered data set or custom data set file (default: the results "
+                        "file's data set)")
     p.add_argument("--gallery-size", type=int, default=100,
                    help="--topk protocol, CUHK-SYSU style sets: 50, 100, ... or -1 (default 100)")
     p.add_argument("--cross-camera", action="store_true",
@@ -244,8 +250,12 @@ def _run(args) -> List[str]:
         raise UsageError(f"--k must be at least 1, got {args.k}")
     if args.det_thresh is not None and args.det_thresh < 0:
         raise UsageError(f"--det-thresh must be >= 0, got {args.det_thresh}")
+    dataset = args.dataset
+    if dataset is not None and is_person_search_path(dataset):  # numpy only: catalog, not D2
+        dataset = read_person_search_file(args.dataset).name
+        add_person_search_file(dataset, args.dataset)
     results = read_results(args.results)
-    dataset = args.dataset or results.dataset
+    dataset = dataset or results.dataset
     if results.dataset != dataset:
         raise ValueError(f"{args.results}: results are for data set {results.dataset!r}, not "
                          f"{dataset!r} (--dataset)")

@@ -3,7 +3,8 @@
 ::
 
     qeeps-view --results R.json[.gz] [--results R2.json.gz --labels OIM,QEEPS]
-               [--dataset NAME] [--gallery-size 100] [--cross-camera] [--det-thresh 0.5]
+               [--dataset NAME|FILE.json] [--gallery-size 100] [--cross-camera]
+               [--det-thresh 0.5]
                [--topk 5] [--worst N | --sample N [--seed S] | --queries 0,5,17 | --all]
                --output DIR
 
@@ -11,7 +12,10 @@ Writes ``DIR/index.html`` (a metric line per results file, a table of every quer
 clicking its headers, and the chosen queries rendered: the query person and its top-k matches,
 green when right, red when wrong, with similarity and detection score), the rendered images in
 ``DIR/images/`` (JPEG, linked relative to the page: the folder can be zipped) and the table as
-``DIR/queries.json``. Without a choice of queries, 20 are sampled (seed 0). The page's mAP and
+``DIR/queries.json``. Without a choice of queries, 20 are sampled (seed 0). ``--dataset`` is
+the results file's data set by default; a custom data set file (``.json`` / ``.json.gz``,
+:mod:`qeeps_d2.data.datasets.custom`) is registered under the name it holds, as ``qeeps-eval``
+does. The page's mAP and
 top-k are what ``qeeps-eval`` prints for the same file and protocol. User errors (unreadable or
 malformed results, results of another data set or protocol, a query index not in the results,
 the data set's images folder missing) print one line on stderr and exit with status 2.
@@ -23,6 +27,8 @@ import os
 import sys
 from typing import List, Optional, Sequence
 
+from ..data.datasets.builtin import register_person_search_file
+from ..data.datasets.custom import is_person_search_path
 from ..utils.cli import ArgumentParser, UsageError, run_cli
 from .report import build_viewer
 from .selection import QuerySelection, parse_query_list
@@ -37,7 +43,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--results", action="append", required=True, metavar="R",
                    help="results file (.json or .json.gz); repeat to compare models")
     p.add_argument("--labels", help="comma-separated names of the results files (e.g. OIM,QEEPS)")
-    p.add_argument("--dataset", help="registered test set (default: the results file's)")
+    p.add_argument("--dataset", metavar="NAME|FILE.json",
+                   help="registered test set or custom data set file (default: the results "
+                        "file's data set)")
     p.add_argument("--gallery-size", type=int, default=100,
                    help="CUHK-SYSU style sets: 50, 100, ... or -1 (whole pool); default 100")
     p.add_argument("--cross-camera", action="store_true",
@@ -70,8 +78,11 @@ def _run(args) -> List[str]:
     selection = QuerySelection(
         queries=parse_query_list(args.queries) if args.queries is not None else None,
         sample=args.sample, seed=args.seed, worst=args.worst, all=args.all)
+    dataset = args.dataset
+    if dataset is not None and is_person_search_path(dataset):
+        dataset = register_person_search_file(dataset)
     report = build_viewer(
-        args.results, args.output, labels=labels, dataset=args.dataset,
+        args.results, args.output, labels=labels, dataset=dataset,
         gallery_size=args.gallery_size, cross_camera=args.cross_camera,
         det_thresh=args.det_thresh, topk=args.topk, selection=selection, title=args.title,
         table_json=os.path.join(args.output, "queries.json"), progress=not args.no_progress)
