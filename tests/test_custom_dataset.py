@@ -6,7 +6,6 @@ the evaluator and qeeps-eval work with custom names."""
 import ast
 import copy
 import json
-import os
 
 import numpy as np
 import pytest
@@ -52,6 +51,17 @@ def env(datasets_root, monkeypatch):
     monkeypatch.setenv("DETECTRON2_DATASETS", str(datasets_root))
     monkeypatch.setattr(prw, "read_prw_mini_query_lines", lambda: list(MINI_LINES))
     return datasets_root
+
+
+@pytest.fixture(autouse=True)
+def unregister_afterwards():
+    """The custom names a test registers go with it (later tests see only their own)."""
+    before = set(DatasetCatalog.list())
+    yield
+    for name in set(DatasetCatalog.list()) - before:
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+        catalog._CUSTOM.pop(name, None)
 
 
 def _convert(tmp_path, dataset, suffix=".json", extra=()):
@@ -222,7 +232,8 @@ def test_all_other_images_and_other_cameras(tmp_path):
     assert got[1][0] == ["a.jpg", "sub/b.jpg", "d.jpg"] and got[1][1][1] == 60
     cross = catalog.load_protocol("toy_rule", cross_camera=True)
     assert cross.name == "toy_rule/cross_camera"
-    assert [g for g, _ in _galleries(cross)] == [["c.jpg", "d.jpg"], ["a.jpg", "sub/b.jpg", "d.jpg"]]
+    assert [g for g, _ in _galleries(cross)] == [["c.jpg", "d.jpg"],
+                                                 ["a.jpg", "sub/b.jpg", "d.jpg"]]
     assert MetadataCatalog.get("toy_rule").protocol == {
         "gallery_sizes": (), "default_gallery_size": None, "cross_camera": True}
 
@@ -344,7 +355,8 @@ BAD_FILES = {
     "camera-negative": (None, _set(["images", 0, "camera_id"], -1),
                         "images[0].camera_id: must be >= 0, got -1"),
     "no-images": (None, _set(["images"], []), "images: must not be empty"),
-    "format": (None, _set(["format"], "coco"), "format: must be 'qeeps-person-search', got \"coco\""),
+    "format": (None, _set(["format"], "coco"),
+               "format: must be 'qeeps-person-search', got \"coco\""),
     "version": (None, _set(["version"], 2), "version: must be 1 (the version this package reads)"),
     "name": (None, _set(["name"], "my set"), "name: 'my set' must be letters, digits"),
     "name-like-a-file": (None, _set(["name"], "x.json"), "name: 'x.json' must be letters"),
@@ -499,7 +511,7 @@ def test_training_config_sizes_the_oim_table_from_a_custom_set(tmp_path, monkeyp
     doc = _doc()
     doc["name"] = "toy_train_cfg"
     doc["images"][3]["boxes"] = [_box(42)]
-    train = _write_doc(tmp_path, doc, "train.json")
+    _write_doc(tmp_path, doc, "train.json")
     test = _convert(tmp_path, "prw_test")
     monkeypatch.chdir(tmp_path)  # file paths relative to the working directory
     opts = ["DATASETS.PERSON_SEARCH_FILES", '("train.json", "prw_test.json")',
@@ -511,14 +523,14 @@ def test_training_config_sizes_the_oim_table_from_a_custom_set(tmp_path, monkeyp
     assert pids == {-1, 0, 1, 2}
     assert catalog.dataset_file("prw_test_json") == test
 
-    cuhk = _convert(tmp_path, "cuhk_sysu_train")
+    cuhk = _convert(tmp_path, "cuhk_sysu_train", extra=["--name", "cuhk_cfg"])
     cfg = setup_cfg(_config(tmp_path), ["DATASETS.PERSON_SEARCH_FILES", f'("{cuhk}",)',
-                                        "DATASETS.TRAIN", '("cuhk_sysu_train_json",)'],
+                                        "DATASETS.TRAIN", '("cuhk_cfg",)'],
                     resolve_schedule=False)
     assert cfg.MODEL.QEEPS.OIM.NUM_PIDS == catalog.num_pids("cuhk_sysu_train") == 2
 
-    with pytest.raises(ValueError, match="DATASETS.TRAIN: unknown data set 'toy_train_cgf'; "
-                                         "the person-search sets are cuhk_sysu_train.*toy_train_cfg"):
+    with pytest.raises(ValueError, match="DATASETS.TRAIN: unknown data set 'toy_train_cgf'; the "
+                                         "person-search sets are cuhk_sysu_train.*toy_train_cfg"):
         check_train_net_inputs(_config(tmp_path), opts[:2] + [
             "DATASETS.TRAIN", '("toy_train_cgf",)'], eval_only=False)
     doc["images"][0]["boxes"][0]["box"] = [30, 10, 20, 50]

@@ -26,6 +26,7 @@ from typing import Dict, List, Optional, Sequence
 
 from ..data.datasets.builtin import register_person_search_file
 from ..data.datasets.catalog import (
+    DATASET_NAMES,
     is_registered,
     is_test_set,
     load_dataset_dicts,
@@ -49,7 +50,8 @@ def _parser() -> argparse.ArgumentParser:
                 description="Score a person-search results file against a data set's protocol.")
     p.add_argument("results", metavar="RESULTS", help="results file (.json or .json.gz)")
     p.add_argument("--dataset", required=True, metavar="NAME|FILE.json",
-                   help="registered test set (" + ", ".join(test_set_names())
+                   help="registered test set (built in: " + ", ".join(
+                       n for n in DATASET_NAMES if is_test_set(n))
                    + "), or a custom data set file (.json / .json.gz)")
     p.add_argument("--gallery-size", type=int, default=100,
                    help="CUHK-SYSU style sets: 50, 100, 500, 1000, 2000, 4000 or -1 (whole pool)")

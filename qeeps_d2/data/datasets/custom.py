@@ -108,7 +108,8 @@ class _Checker:
         self.path = path
 
     def fail(self, where: str, message: str) -> ValueError:
-        return ValueError(f"{self.path}: {where}: {message}" if where else f"{self.path}: {message}")
+        return ValueError(f"{self.path}: {where}: {message}" if where
+                          else f"{self.path}: {message}")
 
     def fields(self, where: str, value: Any, required: Sequence[str],
                optional: Sequence[str] = ()) -> Dict[str, Any]:
@@ -409,8 +410,9 @@ class PersonSearchFile:
             drop = {index[n] for n in head.images} | {query_images[i]}
             keep[[position[j] for j in drop if j in position]] = False
             rest = pool_names[keep].tolist()
+            no_target = np.full((len(rest), 4), np.nan)
             return Gallery(images=head.images + rest,
-                           gt_boxes=np.concatenate([head.gt_boxes, np.full((len(rest), 4), np.nan)]))
+                           gt_boxes=np.concatenate([head.gt_boxes, no_target]))
 
         return gallery
 
