@@ -21,6 +21,7 @@ from qeeps_d2.evaluation.detection_metrics import evaluate_detections
 from qeeps_d2.evaluation.interchange import main
 from qeeps_d2.evaluation.results_file import write_results
 from qeeps_d2.evaluation.search_metrics import TOP_K, score_query
+from test_viewer import forget_custom_sets, write_custom_set  # noqa: F401 (a fixture)
 
 # G100 galleries of the fixture: query 0 (s5.jpg, person 0) has targets in s6 and s7; query 1
 # (s6.jpg, person 1) in s8, and s7 is listed twice.
@@ -209,9 +210,9 @@ def test_topk_lists_follow_the_files_ranking(tmp_path):
     assert checked == 1
 
 
-def test_custom_data_set_file(tmp_path):
+def test_custom_data_set_file(tmp_path, forget_custom_sets):
     """--dataset FILE.json: the custom set's protocol, images and ids."""
-    from test_viewer import write_custom_set
+    from qeeps_d2.data.datasets import catalog
 
     data, queries = write_custom_set(str(tmp_path / "custom"), "interchange_custom_test")
     path = str(tmp_path / "r.json")
@@ -225,6 +226,7 @@ def test_custom_data_set_file(tmp_path):
         [("d.jpg", 0), ("c.jpg", 1)], [("a.jpg", 1), ("c.jpg", 0), ("d.jpg", 1)]]
     ids = {e["image_id"] for e in _read(det)}
     assert ids == {1, 3, 4}  # a, c, d: the file's image order, 1-based
+    assert "interchange_custom_test" in catalog.registered_names()  # until the fixture ends
 
 
 def test_one_line_errors(tmp_path, capsys):

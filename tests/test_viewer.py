@@ -391,6 +391,22 @@ def test_one_line_errors(tmp_path, capsys, datasets_root):
     assert f"images folder {images / 'SSM'} of cuhk_sysu_test not found" in err
 
 
+@pytest.fixture
+def forget_custom_sets():
+    """The custom names a test registers go with it (as tests/test_custom_dataset.py does)."""
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    from qeeps_d2.data.datasets import catalog
+
+    before, custom = set(DatasetCatalog.list()), set(catalog.registered_names())
+    yield
+    for name in set(DatasetCatalog.list()) - before:
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+    for name in set(catalog.registered_names()) - custom:
+        catalog._CUSTOM.pop(name, None)
+
+
 def write_custom_set(folder, name):
     """A custom data set file (qeeps_d2.data.datasets.custom) of 4 images and 2 queries."""
     os.makedirs(folder, exist_ok=True)
@@ -420,7 +436,7 @@ def write_custom_set(folder, name):
     return path, queries
 
 
-def test_custom_data_set_file(tmp_path, capsys):
+def test_custom_data_set_file(tmp_path, capsys, forget_custom_sets):
     """--dataset FILE.json, as qeeps-eval takes it: the file's set is registered and viewed."""
     data, queries = write_custom_set(str(tmp_path / "custom"), "viewer_custom_test")
     path = _write(tmp_path, queries, dataset="viewer_custom_test")
