@@ -2,10 +2,17 @@
 
 ::
 
-    qeeps-search --config C --weights W --query IMG --box x1,y1,x2,y2 --gallery DIR|VIDEO
+    qeeps-search --config-file C --weights W --query IMG --box x1,y1,x2,y2 --gallery DIR|VIDEO
                  [--topk 10] [--every 1] [--out output/search] [--device cpu|cuda]
                  [--batch-size 4] [--cascade-topk K] [--save-every 200]
-    qeeps-search --config C --weights W --query-crop CROP --gallery DIR|VIDEO ...
+                 [--confidence-threshold T] [--opts KEY VALUE ...]
+    qeeps-search --config-file C --weights W --query-crop CROP --gallery DIR|VIDEO ...
+    qeeps-search --index INDEX_DIR --query IMG --box x1,y1,x2,y2 [--rerank K
+                 [--config-file C --weights W]] [--topk 10] [--out output/search] ...
+
+``--config`` is the old name of ``--config-file``; ``--confidence-threshold`` is
+``TEST.PERSON_SEARCH.DET_THRESH`` and ``--opts`` config overrides, as in Detectron2's
+``demo/demo.py``.
 
 Shows a progress bar over the gallery frames (with ETA when the frame count is known), prints
 the top matches as a table and writes ``OUT/results.json``::
@@ -29,11 +36,22 @@ Long galleries: frames are streamed (memory stays flat) and, without ``--cascade
 progress is saved every ``--save-every`` frames in ``.OUT.partial/`` beside OUT
 (``qeeps_d2.search.progress``); after Ctrl-C (exit status 130), a kill or a crash, running the
 same command again continues from the last save and gives the results of an uninterrupted run.
+
+``--index INDEX_DIR`` (built by ``qeeps-index``): the query is embedded with the index's model
+(one forward pass; ``--config-file/--weights`` may be given and must then be that model) and
+matched against the stored detections with FAISS (``qeeps_d2.search.index.IndexSearcher``),
+without running the network on the gallery; the frames of the report are read back from the
+index's source. ``--rerank K``: the K frames with the best matches are re-scored as (query,
+frame) pairs with a query-guided model (``--config-file/--weights``, default the index's own),
+merged by the cascade's rule (``merge_cascade_matches``): with the index built by the same
+model, the results of ``--cascade-topk K`` without an index. ``results.json`` then also has
+``"index": {"path", "detections", "approximate", "rerank", "query_seconds", "search_seconds"}``.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 import sys
@@ -41,26 +59,37 @@ import tempfile
 from typing import List, Optional, Sequence
 
 import cv2
+import numpy as np
 
 from ..checkpoint import CheckpointError
 from .gallery import count_gallery, iter_gallery, read_image_bgr
 from .progress import SearchInterrupted, discard_progress, file_signature, resumable_search
 from .render import QUERY_COLOUR, draw_matches, match_strip, write_html_report
-from .searcher import Match, PersonSearcher
+from .searcher import Match, PersonSearcher, merge_cascade_matches
 from ..utils.cli import ArgumentParser, UsageError, run_cli
 
 __all__ = ["main"]
+
+logger = logging.getLogger(__name__)
 
 
 def _parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="qeeps-search",
                 description="Search a person (query box or crop) in a folder of images or a video.")
-    p.add_argument("--config", required=True, help="the model's config file (YAML)")
-    p.add_argument("--weights", required=True, help="the trained model's weights (.pth/.pkl)")
+    p.add_argument("--config-file", "--config", dest="config",
+                   help="the model's config file (YAML); with --index: default the index's")
+    p.add_argument("--weights", help="the trained model's weights (.pth/.pkl)")
     p.add_argument("--query", help="query image (with --box)")
     p.add_argument("--box", help="query person box x1,y1,x2,y2 in query-image pixels")
     p.add_argument("--query-crop", help="a crop of the query person (the whole image is the box)")
-    p.add_argument("--gallery", required=True, help="folder of .jpg/.jpeg/.png/.bmp or a video")
+    p.add_argument("--gallery", help="folder of .jpg/.jpeg/.png/.bmp or a video (or --index)")
+    p.add_argument("--index", help="search an index built by qeeps-index instead of a gallery")
+    p.add_argument("--rerank", type=int, default=0,
+                   help="with --index: re-score the K frames with the best matches as (query, "
+                        "frame) pairs with a query-guided model (default 0: no re-ranking)")
+    p.add_argument("--confidence-threshold", type=float, default=None,
+                   help="keep detections scoring at least this (default: the config's "
+                        "TEST.PERSON_SEARCH.DET_THRESH; with --index: the index's)")
     p.add_argument("--topk", type=int, default=10, help="matches to keep (default 10)")
     p.add_argument("--every", type=int, default=1, help="search every N-th frame (default 1)")
     p.add_argument("--out", default="output/search", help="output folder (default output/search)")
@@ -73,6 +102,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="query-guided models: run every frame once query-agnostically, then "
                         "re-score only the best K frames as pairs (default 0: every frame as a "
                         "pair)")
+    p.add_argument("--opts", nargs=argparse.REMAINDER, default=[],
+                   help="config overrides KEY VALUE ... (last on the command line)")
     return p
 
 
@@ -104,8 +135,27 @@ def _check_options(args) -> None:
     for name in ("topk", "every", "batch_size", "save_every"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.cascade_topk < 0:
-        raise UsageError(f"--cascade-topk must be >= 0, got {args.cascade_topk}")
+    for name in ("cascade_topk", "rerank"):
+        if getattr(args, name) < 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if len(args.opts) % 2:
+        raise UsageError(f"--opts takes KEY VALUE pairs, got {len(args.opts)} values")
+    if args.index:
+        if args.gallery:
+            raise UsageError("give --gallery or --index, not both (an index reads its own source)")
+        if args.cascade_topk:
+            raise UsageError("--cascade-topk runs on a gallery; with --index use --rerank K")
+        if bool(args.config) != bool(args.weights):
+            raise UsageError("with --index, give both --config-file and --weights, or neither "
+                             "(the index's model)")
+        if args.opts and not args.config:
+            raise UsageError("--opts configures --config-file; the index's model keeps its own")
+    else:
+        if not (args.config and args.weights and args.gallery):
+            raise UsageError("give --config-file, --weights and --gallery (or --index INDEX_DIR)")
+        if args.rerank:
+            raise UsageError("--rerank re-ranks the matches of --index; on a gallery use "
+                             "--cascade-topk K")
     out = os.path.abspath(args.out)
     if os.path.exists(out) and not os.path.isdir(out):
         raise UsageError(f"--out {args.out} exists and is not a folder")
@@ -120,13 +170,14 @@ def _results(args, query_path, box, is_crop, searcher, num_read, skipped, matche
                   "det_thresh": searcher.det_thresh, "cascade_topk": args.cascade_topk},
         "gallery": {"path": args.gallery, "every": args.every,
                     "frames_searched": num_read, "skipped": list(skipped)},
-        "matches": [
-            {"rank": r, "frame": m.frame, "index": m.index,
-             "box": [round(v, 2) for v in m.box], "det_score": m.det_score,
-             "similarity": m.similarity}
-            for r, m in enumerate(matches, start=1)
-        ],
+        "matches": _match_rows(matches),
     }
+
+
+def _match_rows(matches) -> List[dict]:
+    return [{"rank": r, "frame": m.frame, "index": m.index, "box": [round(v, 2) for v in m.box],
+             "det_score": m.det_score, "similarity": m.similarity}
+            for r, m in enumerate(matches, start=1)]
 
 
 def _write_report(report_dir: str, query_image, box, matches: Sequence[Match], title: str) -> None:
@@ -185,11 +236,22 @@ def _table(matches: Sequence[Match]) -> List[str]:
     return lines
 
 
+def _model_opts(args, det_thresh: Optional[float]) -> List[str]:
+    """--opts plus --confidence-threshold as TEST.PERSON_SEARCH.DET_THRESH."""
+    opts = list(args.opts)
+    if det_thresh is not None:
+        opts += ["TEST.PERSON_SEARCH.DET_THRESH", str(det_thresh)]
+    return opts
+
+
 def _run(args) -> List[str]:
     _check_options(args)
+    if args.index:
+        return _run_index(args)
     query_path, query_image, box, is_crop = _query(args)
     gallery = iter_gallery(args.gallery, args.every)
-    searcher = PersonSearcher.from_config(args.config, args.weights, device=args.device)
+    searcher = PersonSearcher.from_config(args.config, args.weights, device=args.device,
+                                          opts=_model_opts(args, args.confidence_threshold))
     out = os.path.abspath(args.out)
     progress_dir = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.partial")
     if args.cascade_topk:  # two passes over the gallery: not continued after an interruption
@@ -221,6 +283,145 @@ def _run(args) -> List[str]:
         mode = f"cascade: query-agnostic, then the best {args.cascade_topk} frames as pairs"
     return [f"{num_read} frames searched ({mode}), {len(skipped)} skipped; "
             f"results in {args.out}"] + _table(matches)
+
+
+def _index_models(args, manifest: dict, det_thresh: Optional[float]):
+    """(query embedder, re-rank searcher or None) for a search in an index (module docstring).
+
+    The query is embedded by the index's model: the one given (``--config-file/--weights``)
+    when its signature is the index's, else the one the manifest names. A given model of
+    another signature is only accepted as the re-ranking model (``--rerank``)."""
+    from .index import IndexMismatch, describe_model
+    from .index_cli import make_embedder
+
+    stored = manifest["model"]
+    given = None
+    if args.config:
+        given = make_embedder({"backend": "torch", "config": args.config,
+                               "weights": args.weights, "opts": list(args.opts)},
+                              args.device, det_thresh)
+    if given is not None and stored["backend"] == "torch" and \
+            given.signature() == stored["signature"]:
+        embedder = given
+    else:
+        if given is not None and not args.rerank:
+            raise IndexMismatch(
+                f"index {args.index} was built with another model ({describe_model(stored)}): "
+                "its queries are embedded by that model (leave out --config-file/--weights, "
+                "or give them with --rerank K for a re-ranking model)")
+        for key in ("config", "weights", "onnx_file"):
+            path = stored.get(key)
+            if path and "://" not in path and not os.path.isfile(path):
+                raise FileNotFoundError(f"the model of index {args.index} is gone: {key} {path} "
+                                        "not found; give --config-file and --weights of that "
+                                        "model")
+        embedder = make_embedder(stored, args.device, det_thresh)
+    reranker = None
+    if args.rerank:
+        reranker = getattr(given if given is not None else embedder, "searcher", None)
+        if reranker is None or not reranker.query_guided:
+            raise UsageError("--rerank needs a query-guided model (QSSE, QRPN or QSimNet on): "
+                             "give its --config-file and --weights")
+    return embedder, reranker
+
+
+def _rerank(args, index_searcher, query_vec, query_image, box, reranker, topk):
+    """The cascade over the index: the K frames with the best matches re-scored as pairs."""
+    from .gallery import GalleryFrame
+    from .index import read_frames
+    from ..evaluation.cascade import shortlist_images
+
+    data = index_searcher.data
+    candidates = index_searcher.best_frames(query_vec, args.rerank, topk)
+    rows = {}
+    for m in candidates:
+        rows.setdefault(m.position, []).append([*m.box, m.det_score, m.similarity])
+    chosen = shortlist_images(sorted(rows), {p: np.array(r) for p, r in rows.items()},
+                              args.rerank, index_searcher.det_thresh or 0.0)
+    images = read_frames(data, chosen)
+    frames = [GalleryFrame(data.frames[p], images[p], data.frame_index(p))
+              for p in sorted(chosen) if p in images]
+    if len(frames) < len(chosen):
+        raise ValueError(f"index source {data.manifest['source']['path']}: "
+                         f"{len(chosen) - len(frames)} frame(s) to re-rank can no longer be read")
+    rescored = reranker.rescore(query_image, box, frames, batch_size=args.batch_size,
+                                progress=True, keep_frames=True)
+    chosen_set = set(chosen)
+    others = [_as_match(m) for m in candidates if m.position not in chosen_set][:topk]
+    return merge_cascade_matches(rescored, others, topk), len(frames)
+
+
+def _as_match(m, image=None) -> Match:
+    return Match(m.frame, m.index, m.box, m.det_score, m.similarity, image)
+
+
+def _run_index(args) -> List[str]:
+    """``qeeps-search --index``: embed the query, search the index, optionally re-rank."""
+    import time
+
+    from .index import IndexSearcher, load_index, read_frames
+
+    query_path, query_image, box, is_crop = _query(args)
+    data = load_index(args.index)
+    manifest = data.manifest
+    det_thresh = (args.confidence_threshold if args.confidence_threshold is not None
+                  else manifest["det_thresh"])
+    embedder, reranker = _index_models(args, manifest, det_thresh)
+    index_searcher = IndexSearcher(data, det_thresh=args.confidence_threshold)
+    start = time.perf_counter()
+    query_vec = embedder.embed_query(query_image, box)
+    query_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    if args.rerank:
+        found, rescored = _rerank(args, index_searcher, query_vec, query_image, box, reranker,
+                                  args.topk)
+    else:
+        found, rescored = [_as_match(m) for m in index_searcher.search(query_vec, args.topk)], 0
+    search_seconds = time.perf_counter() - start
+    # the report's frames, read back from the source (re-scored ones are already there)
+    by_index = {m.index: m.image for m in found if m.image is not None}
+    wanted = [m.index // data.every for m in found if m.index not in by_index]
+    for position, image in read_frames(data, wanted).items():
+        by_index[data.frame_index(position)] = image
+    matches = [Match(m.frame, m.index, m.box, m.det_score, m.similarity, by_index.get(m.index))
+               for m in found]
+    source = manifest["source"]
+    results = {
+        "query": {"image": query_path, "box": box, "crop": is_crop},
+        "model": {"config": manifest["model"].get("config", args.config),
+                  "weights": manifest["model"].get("weights", args.weights),
+                  "backend": manifest["model"]["backend"],
+                  "query_guided": bool(args.rerank), "device": args.device,
+                  "det_thresh": index_searcher.det_thresh, "cascade_topk": 0},
+        "gallery": {"path": source["path"], "every": source["every"],
+                    "frames_searched": manifest["num_frames"],
+                    "skipped": list(manifest["skipped"])},
+        "index": {"path": os.path.abspath(args.index),
+                  "detections": index_searcher.num_detections,
+                  "approximate": index_searcher.approximate, "rerank": args.rerank,
+                  "rerank_config": args.config if args.rerank else None,
+                  "query_seconds": query_seconds, "search_seconds": search_seconds},
+        "matches": _match_rows(matches),
+    }
+    shown = [m for m in matches if m.image is not None]
+    if len(shown) < len(matches):
+        logger.warning("%d matched frame(s) could not be read back from %s: not in the report",
+                       len(matches) - len(shown), source["path"])
+    title = f"qeeps-search: {os.path.basename(query_path)} in the index {args.index}"
+
+    def write(tmp):
+        with open(os.path.join(tmp, "results.json"), "w") as f:
+            json.dump(results, f, indent=2)
+        _write_report(os.path.join(tmp, "report"), query_image, box, shown, title)
+
+    _publish(os.path.abspath(args.out), write)
+    how = "approximate (HNSW)" if index_searcher.approximate else "exact"
+    lines = [f"{index_searcher.num_detections} detections of {manifest['num_frames']} frames "
+             f"searched in the index ({how}) in {1e3 * search_seconds:.1f} ms after the "
+             f"query's forward ({1e3 * query_seconds:.0f} ms)"
+             + (f", the best {rescored} frames re-scored as pairs" if args.rerank else "")
+             + f"; results in {args.out}"]
+    return lines + _table(matches)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
