@@ -376,7 +376,9 @@ class QEEPSROIHeads(Res5ROIHeads):
                          ) -> List[torch.Tensor]:
         """Embeddings of given boxes per image: a list of (M_i, D) (empty ones included)."""
         num = [len(b) for b in boxes]
-        if sum(num):
+        # traced (ONNX export, qeeps_d2.export): the general path, one graph for any number of
+        # boxes (the exported graph runs it on none too), not the branch of the traced input
+        if torch.jit.is_tracing() or sum(num):
             return list(self.embed(self.box_features(features, boxes)).split(num))
         device = next(iter(features.values())).device
         return [torch.zeros(0, self.reid_head.proj.out_features, device=device)] * len(num)
