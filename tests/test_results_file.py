@@ -155,6 +155,26 @@ def test_validate_against_protocol_rejects(tmp_path, doc, message):
         validate_against_protocol(results, _protocol(), path)
 
 
+def test_results_of_a_smaller_gallery_are_not_scored_on_a_larger_one(tmp_path):
+    """A G50 file scored at G100 used to give the G50 numbers (the other 50 images counted as
+    searched without a detection); a G100 file scored at G50 (its subset) stays fine."""
+    protocol = _protocol()
+    for made_for, scored_as, fails in [("cuhk_sysu_test/G50", "cuhk_sysu_test/G100", True),
+                                       ("cuhk_sysu_test/G100", "cuhk_sysu_test/G-1", True),
+                                       ("cuhk_sysu_test/G100", "cuhk_sysu_test/G50", False),
+                                       ("cuhk_sysu_test/G-1", "cuhk_sysu_test/G4000", False),
+                                       ("other_test/G50", "cuhk_sysu_test/G100", False)]:
+        doc = dict(_doc(dataset="cuhk_sysu_test"), protocol=made_for)
+        path = _write_doc(tmp_path, doc)
+        protocol.name, protocol.dataset = scored_as, "cuhk_sysu_test"
+        if fails:
+            with pytest.raises(ValueError, match=f"made for {made_for}, a smaller gallery than "
+                               f"{scored_as}'s.*--gallery-size {made_for.rpartition('G')[2]}"):
+                validate_against_protocol(read_results(path), protocol, path)
+        else:
+            validate_against_protocol(read_results(path), protocol, path)
+
+
 def test_validate_against_protocol_accepts_partial_results(tmp_path):
     path = _write_doc(tmp_path, _doc(queries=_query_with(gallery={"b.jpg": [], "a.jpg": []})))
     validate_against_protocol(read_results(path), _protocol(), path)

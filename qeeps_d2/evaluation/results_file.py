@@ -300,6 +300,15 @@ def read_results(path: str) -> SearchResults:
     return SearchResults(dataset, queries, gallery_detections, extra)
 
 
+def _gallery_size(protocol_name: str) -> float:
+    """The gallery size of a CUHK-SYSU-style protocol name (``.../G100`` -> 100, ``.../G-1``,
+    the whole pool -> inf); other names -> nan (never smaller or larger)."""
+    size = protocol_name.rpartition("/G")[2]
+    if not size.lstrip("-").isdigit() or "/G" not in protocol_name:
+        return math.nan
+    return math.inf if int(size) < 0 else float(int(size))
+
+
 def validate_against_protocol(results: SearchResults, protocol: SearchProtocol, path: str) -> None:
     """Check that ``results`` can be scored with ``protocol``.
 
@@ -311,6 +320,16 @@ def validate_against_protocol(results: SearchResults, protocol: SearchProtocol, 
         raise ValueError(
             f"{path}: results are for data set {results.dataset!r}, the protocol "
             f"{protocol.name!r} is for {protocol.dataset!r}"
+        )
+    made_for = results.extra.get("protocol")
+    if isinstance(made_for, str) and made_for.rpartition("/G")[0] == protocol.name.rpartition(
+            "/G")[0] and _gallery_size(made_for) < _gallery_size(protocol.name):
+        # images of the larger galleries were never searched: they would count as "no detection"
+        size = made_for.rpartition("/G")[2]
+        raise ValueError(
+            f"{path}: the results were made for {made_for}, a smaller gallery than "
+            f"{protocol.name}'s: its other images were not searched (score them with "
+            f"--gallery-size {size}, or evaluate the model at the larger size)"
         )
     for q in results.queries:
         if q.index >= len(protocol):
