@@ -145,6 +145,9 @@ def _check_options(args) -> None:
             raise UsageError("give --gallery or --index, not both (an index reads its own source)")
         if args.cascade_topk:
             raise UsageError("--cascade-topk runs on a gallery; with --index use --rerank K")
+        if args.every != 1:
+            raise UsageError("--every applies to a gallery; an index keeps the frames it was "
+                             "built with (qeeps-index --every)")
         if bool(args.config) != bool(args.weights):
             raise UsageError("with --index, give both --config-file and --weights, or neither "
                              "(the index's model)")
