@@ -19,7 +19,7 @@ onnxruntime ``embed_frames`` including its resize)::
 
     python benchmarks/onnx_parity.py --config-file configs/SynthPS/oim.yaml \\
         --weights output/demo/oim/model_final.pth --onnx output/oim.onnx \\
-        [--export] [--num-images 50] [--scales 1.0 1.6] [--threads 2] [--runs 3] \\
+        [--export] [--first-stage] [--num-images 50] [--scales 1.0 1.6] [--threads 2] [--runs 3] \\
         [--json output/onnx_parity.json]
 
 ``--export`` (or a missing ``--onnx`` file) exports the model first.
@@ -84,6 +84,8 @@ def main(argv=None) -> int:
     p.add_argument("--weights", required=True)
     p.add_argument("--onnx", required=True, help="the exported file (exported if missing)")
     p.add_argument("--export", action="store_true", help="(re-)export it first")
+    p.add_argument("--first-stage", action="store_true",
+                   help="a query-guided model: its query-agnostic first stage")
     p.add_argument("--dataset", default="synthps_test")
     p.add_argument("--num-images", type=int, default=50)
     p.add_argument("--scales", type=float, nargs="+", default=[1.0, 1.6])
@@ -105,11 +107,11 @@ def main(argv=None) -> int:
     from qeeps_d2.search.onnx_backend import OnnxFrameEmbedder
 
     torch.set_num_threads(args.threads)
-    cfg, model = load_export_model(args.config_file, args.weights)
+    cfg, model = load_export_model(args.config_file, args.weights, first_stage=args.first_stage)
     if args.export or not os.path.isfile(args.onnx):
         t0 = time.perf_counter()
         meta = export_onnx(cfg, model, args.onnx, config_file=args.config_file,
-                           weights=args.weights)
+                           weights=args.weights, first_stage=args.first_stage)
         print(f"exported {args.onnx} in {time.perf_counter() - t0:.1f} s; check "
               f"{meta['check']}")
     embedder = OnnxFrameEmbedder(args.onnx, threads=args.threads)
