@@ -56,6 +56,7 @@ from .gallery import _image_files, is_stream, iter_gallery, read_image_bgr
 
 __all__ = [
     "APPROXIMATE_MIN_DETECTIONS",
+    "ChunkPlan",
     "DEFAULT_CHUNK_FRAMES",
     "HNSW_EF_SEARCH",
     "HNSW_M",
@@ -89,9 +90,12 @@ CHUNKS = "chunks"
 APPROXIMATE_FILE = "approximate.faiss"
 DEFAULT_CHUNK_FRAMES = 128
 DTYPES = ("float32", "float16")
-# From this many detections on, an index gets an HNSW index and is searched approximately
-# (benchmarks/index_bench.py: below it the exact search answers in a few ms on 2 CPU threads).
-APPROXIMATE_MIN_DETECTIONS = 500_000
+# From this many detections on, an index gets an HNSW index and is searched approximately.
+# benchmarks/index_bench.py, 2 CPU threads, D=128: the exact search takes 0.3 ms at 10k, 7 ms at
+# 100k and 69 ms at 1M detections (3x the SynthPS query's own forward pass); HNSW answers in
+# 0.2-0.4 ms with recall@10 1.000 at 100k and 0.962 at 1M, for +784 bytes per detection (on
+# disk and in memory) and a build of 5 s per 100k (124 s at 1M).
+APPROXIMATE_MIN_DETECTIONS = 1_000_000
 HNSW_M = 32  # graph degree of the HNSW index
 HNSW_EF_CONSTRUCTION = 40
 HNSW_EF_SEARCH = 64  # candidates kept while searching (recall vs latency)
@@ -578,8 +582,8 @@ def finalize_index(index_dir: str, approximate: Optional[bool] = None) -> Dict:
                   "ef_construction": HNSW_EF_CONSTRUCTION}
         path = os.path.join(index_dir, APPROXIMATE_FILE)
         if manifest.get("approximate") != approx or not os.path.isfile(path):
-            embeddings = _load_rows(index_dir, final + 1, manifest)["embedding"]
-            build_approximate_index(embeddings.astype(np.float32), path)
+            embeddings = _load_fields(index_dir, final + 1, manifest)["embedding"]
+            build_approximate_index(embeddings, path)
     elif os.path.exists(os.path.join(index_dir, APPROXIMATE_FILE)):
         os.remove(os.path.join(index_dir, APPROXIMATE_FILE))
     manifest.update(status="complete", frames=names, num_frames=len(names) - len(skipped),
@@ -606,7 +610,11 @@ def build_approximate_index(embeddings: np.ndarray, path: Optional[str] = None):
 
 
 # ---------------------------------------------------------------------------- loading, search
-def _load_rows(index_dir: str, chunks: int, manifest: Dict) -> np.ndarray:
+def _load_fields(index_dir: str, chunks: int, manifest: Dict,
+                 embeddings: bool = True) -> Dict[str, np.ndarray]:
+    """The rows of chunks ``0..chunks-1`` as one contiguous array per field (``embedding``
+    widened to float32; left out without ``embeddings``). Filled chunk by chunk: concatenating
+    the structured arrays and then taking fields is some 50 times slower."""
     dtype = detection_dtype(manifest["embed_dim"], manifest["dtype"])
     parts = []
     for c in range(chunks):
@@ -615,7 +623,19 @@ def _load_rows(index_dir: str, chunks: int, manifest: Dict) -> np.ndarray:
             raise ValueError(f"index {index_dir}: chunk {c} has rows of {rows.dtype}, expected "
                              f"{dtype}")
         parts.append(rows)
-    return np.concatenate(parts) if parts else np.zeros(0, dtype)
+    total = sum(len(rows) for rows in parts)
+    fields = {"position": np.empty(total, np.int32), "box": np.empty((total, 4), np.float32),
+              "score": np.empty(total, np.float32)}
+    if embeddings:
+        fields["embedding"] = np.empty((total, manifest["embed_dim"]), np.float32)
+    start = 0
+    parts.reverse()
+    while parts:  # each chunk freed once copied
+        rows = parts.pop()
+        for name, array in fields.items():
+            array[start : start + len(rows)] = rows[name]
+        start += len(rows)
+    return fields
 
 
 @dataclass
@@ -626,8 +646,9 @@ class IndexData:
         manifest: its manifest.
         positions: (N,) int32 frame position of each detection.
         boxes: (N, 4) float32; scores: (N,) float32.
-        embeddings: (N, D) float32 (float16 indexes are widened); None once an
-            :class:`IndexSearcher` that read the index itself moved them into FAISS.
+        embeddings: (N, D) float32 (float16 indexes are widened); None when read without
+            them, and once an :class:`IndexSearcher` that read the index itself moved them
+            into FAISS.
         frames: the name of each position; every: the source's frame step.
         index_dir: the folder it was read from.
     """
@@ -646,8 +667,8 @@ class IndexData:
         return int(position) * self.every
 
 
-def load_index(index_dir: str) -> IndexData:
-    """Read a complete index.
+def load_index(index_dir: str, embeddings: bool = True) -> IndexData:
+    """Read a complete index (without its embeddings: ``embeddings`` False).
 
     Raises:
         FileNotFoundError: no index there.
@@ -657,14 +678,14 @@ def load_index(index_dir: str) -> IndexData:
     if manifest["status"] != "complete":
         raise IndexIncomplete(f"index {index_dir} is still being built (or was interrupted): "
                               "run qeeps-index again to finish it")
-    rows = _load_rows(index_dir, manifest["chunks"], manifest)
+    fields = _load_fields(index_dir, manifest["chunks"], manifest, embeddings)
     return IndexData(
         index_dir=index_dir,
         manifest=manifest,
-        positions=np.ascontiguousarray(rows["position"]),
-        boxes=np.ascontiguousarray(rows["box"]),
-        scores=np.ascontiguousarray(rows["score"]),
-        embeddings=np.ascontiguousarray(rows["embedding"], dtype=np.float32),
+        positions=fields["position"],
+        boxes=fields["box"],
+        scores=fields["score"],
+        embeddings=fields.get("embedding"),
         frames=list(manifest["frames"]),
         every=int(manifest["source"]["every"]),
     )
@@ -711,7 +732,12 @@ class IndexSearcher:
         import faiss
 
         own = not isinstance(index, IndexData)
-        self.data = load_index(index) if own else index
+        if own:  # the stored HNSW index holds its own vectors
+            manifest = read_manifest(index)
+            use_stored = approximate if approximate is not None else bool(
+                manifest.get("approximate"))
+            index = load_index(index, embeddings=not use_stored)
+        self.data = index
         manifest = self.data.manifest
         self.embed_dim = int(manifest["embed_dim"])
         stored = manifest["det_thresh"]
@@ -741,9 +767,15 @@ class IndexSearcher:
                 self._selector = faiss.IDSelectorBatch(np.flatnonzero(kept).astype(np.int64))
                 self._params.sel = self._selector
         else:
-            self._rows = np.flatnonzero(kept)
+            if self.data.embeddings is None:
+                raise ValueError("exact search needs the embeddings: load_index(..., "
+                                 "embeddings=True)")
             self._index = faiss.IndexFlatIP(self.embed_dim)
-            if len(self._rows):
+            if self.num_detections == len(kept):  # FAISS ids are rows
+                self._rows = None
+                self._index.add(np.ascontiguousarray(self.data.embeddings, dtype=np.float32))
+            else:
+                self._rows = np.flatnonzero(kept)
                 self._index.add(np.ascontiguousarray(self.data.embeddings[self._rows]))
         if own:  # FAISS holds the vectors now
             self.data.embeddings = None
