@@ -19,8 +19,8 @@
    of real embeddings. Each index is loaded in a fresh process: load time (chunks + FAISS),
    resident memory added (VmRSS), median ``IndexSearcher.search(q, 10)`` latency, exact
    (``IndexFlatIP``) and, up to ``--approx-max`` detections, approximate (the stored HNSW
-   index, its build time and recall@10 against exact). Bytes on disk per detection: the whole
-   index folder / detections.
+   index, its build time and recall@10 against exact, at the default efSearch and at ``--ef``).
+   Bytes on disk per detection: the index folder without the HNSW file / detections.
 3. *float16*: the largest size again with ``--dtype float16`` (disk, memory), and on the real
    embeddings the largest similarity error of float16 storage and its top-10 agreement.
 
@@ -227,7 +227,7 @@ def synthetic_index(work: str, seeds: np.ndarray, size: int, args, dtype: str,
 _CHILD = r"""
 import json, sys, time
 import numpy as np
-index_dir, queries_file, mode = sys.argv[1:4]
+index_dir, queries_file, mode, efs = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
 from qeeps_d2.search.index import IndexSearcher
 def rss():
     with open("/proc/self/status") as f:
@@ -238,22 +238,33 @@ start = time.perf_counter()
 searcher = IndexSearcher(index_dir, approximate=(mode == "approx"))
 load_s = time.perf_counter() - start
 after = rss()
-searcher.search(queries[0], 10)  # warm-up
-times, results = [], []
-for q in queries:
-    start = time.perf_counter()
-    found = searcher.search(q, 10)
-    times.append(time.perf_counter() - start)
-    results.append([m.row for m in found])
-print(json.dumps({"load_s": load_s, "rss_added_kb": after - before,
-                  "median_ms": 1e3 * float(np.median(times)),
-                  "p90_ms": 1e3 * float(np.percentile(times, 90)), "rows": results}))
+def run():
+    searcher.search(queries[0], 10)  # warm-up
+    times, results = [], []
+    for q in queries:
+        start = time.perf_counter()
+        found = searcher.search(q, 10)
+        times.append(time.perf_counter() - start)
+        results.append([m.row for m in found])
+    return {"median_ms": 1e3 * float(np.median(times)),
+            "p90_ms": 1e3 * float(np.percentile(times, 90)), "rows": results}
+out = {"load_s": load_s, "rss_added_kb": after - before, **run()}
+if mode == "approx":
+    out["ef_search"] = searcher.ef_search
+    out["other_ef"] = {}
+    default = searcher.ef_search
+    for ef in efs:
+        searcher.ef_search = int(ef)
+        out["other_ef"][ef] = run()
+    searcher.ef_search = default
+print(json.dumps(out))
 """
 
 
-def measure(index_dir: str, queries_file: str, mode: str) -> dict:
-    done = subprocess.run([sys.executable, "-c", _CHILD, index_dir, queries_file, mode],
-                          capture_output=True, text=True, cwd=REPO, check=True)
+def measure(index_dir: str, queries_file: str, mode: str, efs=()) -> dict:
+    done = subprocess.run([sys.executable, "-c", _CHILD, index_dir, queries_file, mode,
+                           *map(str, efs)], capture_output=True, text=True, cwd=REPO,
+                          check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -267,6 +278,8 @@ def _parser():
     p.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 100000, 1000000])
     p.add_argument("--approx-max", type=int, default=100000,
                    help="build and measure the HNSW index up to this many detections")
+    p.add_argument("--ef", type=int, nargs="*", default=[32, 128, 256],
+                   help="HNSW efSearch values measured besides the default")
     p.add_argument("--dets-per-frame", type=int, default=8)
     p.add_argument("--noise", type=float, default=0.5,
                    help="Gaussian noise (x 1/sqrt(D) per value) added to real embeddings")
@@ -325,11 +338,16 @@ def main(argv=None) -> int:
         if approximate:
             row["hnsw_build_s"] = built["finalize_s"]
             row["hnsw_bytes_per_detection"] = built["approx_bytes"] / built["detections"]
-            approx = measure(built["dir"], queries_file, "approx")
+            approx = measure(built["dir"], queries_file, "approx", args.ef)
             row["approx"] = approx
-            row["recall_at_10"] = float(np.mean([
-                len(set(a) & set(e)) / 10 for a, e in zip(approx["rows"], row["exact"]["rows"])]))
-            approx.pop("rows")
+
+            def recall(found):
+                return float(np.mean([len(set(a) & set(e)) / 10
+                                      for a, e in zip(found, row["exact"]["rows"])]))
+
+            row["recall_at_10"] = recall(approx.pop("rows"))
+            for other in approx["other_ef"].values():
+                other["recall_at_10"] = recall(other.pop("rows"))
         row["exact"].pop("rows")
         rows.append(row)
         shutil.rmtree(built["dir"])
@@ -358,6 +376,10 @@ def main(argv=None) -> int:
               f"{r['exact']['median_ms']:.2f} | "
               + (f"{r['hnsw_build_s']:.1f} | {a['median_ms']:.2f} | {r['recall_at_10']:.3f} |"
                  if a else "- | - | - |"))
+    for r in rows:
+        for ef, other in r.get("approx", {}).get("other_ef", {}).items():
+            print(f"HNSW efSearch {ef} at {r['detections']:,}: {other['median_ms']:.2f} ms, "
+                  f"recall@10 {other['recall_at_10']:.3f}")
     f16 = report["float16_real"]
     print(f"\nfloat16 on the {f16['detections']} real embeddings: largest similarity error "
           f"{f16['max_abs_similarity_error']:.2e}, top-10 agreement {f16['top10_agreement']:.3f}")

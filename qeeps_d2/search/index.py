@@ -780,6 +780,17 @@ class IndexSearcher:
         if own:  # FAISS holds the vectors now
             self.data.embeddings = None
 
+    @property
+    def ef_search(self) -> Optional[int]:
+        """HNSW candidates per search (None for the exact search); settable."""
+        return None if self._params is None else int(self._params.efSearch)
+
+    @ef_search.setter
+    def ef_search(self, value: int) -> None:
+        if self._params is None:
+            raise ValueError("ef_search applies to the approximate (HNSW) search")
+        self._params.efSearch = int(value)
+
     def _search(self, query: np.ndarray, n: int) -> Tuple[np.ndarray, np.ndarray]:
         """(similarities, rows) of the ``n`` best detections, similarity descending, ties in
         gallery order."""
