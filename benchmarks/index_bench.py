@@ -317,7 +317,8 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(12345)
     dim = seeds.shape[1]
     queries = seeds[rng.integers(0, len(seeds), args.queries)]
-    queries = queries + args.noise * rng.standard_normal(queries.shape).astype(np.float32) / np.sqrt(dim)
+    noise = rng.standard_normal(queries.shape).astype(np.float32) / np.sqrt(dim)
+    queries = queries + args.noise * noise
     queries = (queries / np.linalg.norm(queries, axis=1, keepdims=True)).astype(np.float32)
     queries_file = os.path.join(args.workdir, "queries.npy")
     np.save(queries_file, queries)

@@ -45,7 +45,8 @@ index's source. ``--rerank K``: the K frames with the best matches are re-scored
 frame) pairs with a query-guided model (``--config-file/--weights``, default the index's own),
 merged by the cascade's rule (``merge_cascade_matches``): with the index built by the same
 model, the results of ``--cascade-topk K`` without an index. ``results.json`` then also has
-``"index": {"path", "detections", "approximate", "rerank", "query_seconds", "search_seconds"}``.
+``"index": {"path", "detections", "approximate", "rerank", "rerank_config", "query_seconds",
+"search_seconds", "rerank_seconds"}``.
 """
 from __future__ import annotations
 
@@ -56,6 +57,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from typing import List, Optional, Sequence
 
 import cv2
@@ -335,7 +337,9 @@ def _rerank(args, index_searcher, query_vec, query_image, box, reranker, topk):
     from ..evaluation.cascade import shortlist_images
 
     data = index_searcher.data
+    start = time.perf_counter()
     candidates = index_searcher.best_frames(query_vec, args.rerank, topk)
+    search_seconds = time.perf_counter() - start
     rows = {}
     for m in candidates:
         rows.setdefault(m.position, []).append([*m.box, m.det_score, m.similarity])
@@ -351,7 +355,7 @@ def _rerank(args, index_searcher, query_vec, query_image, box, reranker, topk):
                                 progress=True, keep_frames=True)
     chosen_set = set(chosen)
     others = [_as_match(m) for m in candidates if m.position not in chosen_set][:topk]
-    return merge_cascade_matches(rescored, others, topk), len(frames)
+    return merge_cascade_matches(rescored, others, topk), len(frames), search_seconds
 
 
 def _as_match(m, image=None) -> Match:
@@ -360,8 +364,6 @@ def _as_match(m, image=None) -> Match:
 
 def _run_index(args) -> List[str]:
     """``qeeps-search --index``: embed the query, search the index, optionally re-rank."""
-    import time
-
     from .index import IndexSearcher, load_index, read_frames
 
     query_path, query_image, box, is_crop = _query(args)
@@ -376,11 +378,12 @@ def _run_index(args) -> List[str]:
     query_seconds = time.perf_counter() - start
     start = time.perf_counter()
     if args.rerank:
-        found, rescored = _rerank(args, index_searcher, query_vec, query_image, box, reranker,
-                                  args.topk)
+        found, rescored, search_seconds = _rerank(args, index_searcher, query_vec, query_image,
+                                                  box, reranker, args.topk)
     else:
         found, rescored = [_as_match(m) for m in index_searcher.search(query_vec, args.topk)], 0
-    search_seconds = time.perf_counter() - start
+        search_seconds = time.perf_counter() - start
+    rerank_seconds = time.perf_counter() - start - search_seconds if args.rerank else 0.0
     # the report's frames, read back from the source (re-scored ones are already there)
     by_index = {m.index: m.image for m in found if m.image is not None}
     wanted = [m.index // data.every for m in found if m.index not in by_index]
@@ -403,7 +406,8 @@ def _run_index(args) -> List[str]:
                   "detections": index_searcher.num_detections,
                   "approximate": index_searcher.approximate, "rerank": args.rerank,
                   "rerank_config": args.config if args.rerank else None,
-                  "query_seconds": query_seconds, "search_seconds": search_seconds},
+                  "query_seconds": query_seconds, "search_seconds": search_seconds,
+                  "rerank_seconds": rerank_seconds},
         "matches": _match_rows(matches),
     }
     shown = [m for m in matches if m.image is not None]
@@ -422,7 +426,8 @@ def _run_index(args) -> List[str]:
     lines = [f"{index_searcher.num_detections} detections of {manifest['num_frames']} frames "
              f"searched in the index ({how}) in {1e3 * search_seconds:.1f} ms after the "
              f"query's forward ({1e3 * query_seconds:.0f} ms)"
-             + (f", the best {rescored} frames re-scored as pairs" if args.rerank else "")
+             + (f", the best {rescored} frames re-scored as pairs in {rerank_seconds:.2f} s"
+                if args.rerank else "")
              + f"; results in {args.out}"]
     return lines + _table(matches)
 

@@ -128,8 +128,9 @@ class _FrameShortlist:
     """Cascade bookkeeping while the gallery streams: the ``k`` frames with the best first-stage
     similarity so far (ties: the earlier frame) with their first-stage matches, and the best
     ``topk`` first-stage matches of every other frame (:attr:`others`, unshifted;
-    :func:`merge_cascade_matches` shifts them). A frame that leaves the shortlist never returns to it (the frames that pushed it out
-    stay ahead), so trimming the others to ``topk`` loses nothing."""
+    :func:`merge_cascade_matches` shifts them). A frame that leaves the shortlist never returns
+    to it (the frames that pushed it out stay ahead), so trimming the others to ``topk`` loses
+    nothing."""
 
     def __init__(self, k: int, topk: Optional[int]):
         self._k, self._topk = k, topk
