@@ -114,6 +114,41 @@ def test_index_search_equals_qeeps_search(folder_index, data, oim, tmp_path, cap
     assert np.abs(a - b).mean() < 1.0
 
 
+def test_unreadable_images_and_a_missing_chunk(folder_index, data, oim, tmp_path, capsys):
+    """Unreadable images (one at the end: its chunk holds no frame) are listed and skipped as
+    qeeps-search skips them; a chunk lost from the middle stops the merge and is rebuilt."""
+    source = tmp_path / "broken"
+    shutil.copytree(data["folder"], source)
+    for name in ("img_03.png", "img_06.png"):
+        (source / name).write_bytes(b"not an image")
+    out = tmp_path / "index"
+    assert _index(oim, str(source), out, "--chunk-frames", "2") == 0
+    manifest = ix.read_manifest(str(out))
+    assert manifest["skipped"] == ["img_03.png", "img_06.png"] and manifest["num_frames"] == 5
+    assert manifest["chunks"] == 4 and manifest["frames"][6] == "img_06.png"
+    last = json.load(open(out / "chunks" / "chunk_000003.json"))
+    assert last["frames"] == [] and last["skipped"] == [[6, "img_06.png"]] and last["last"]
+    loaded = ix.load_index(str(out))
+    assert np.all(np.diff(loaded.positions) >= 0)  # rows in gallery order
+    assert set(loaded.positions.tolist()) == {0, 1, 2, 4, 5}
+    query = ["--query", data["query"], "--box", BOX, "--topk", "5"]
+    assert search_main(["--index", str(out), *query, "--out", str(tmp_path / "i")]) == 0
+    assert search_main(["--config-file", oim[0], "--weights", oim[1], "--gallery", str(source),
+                        *query, "--device", "cpu", "--out", str(tmp_path / "g")]) == 0
+    got, ref = (json.load(open(tmp_path / d / "results.json")) for d in ("i", "g"))
+    assert [m["frame"] for m in got["matches"]] == [m["frame"] for m in ref["matches"]]
+    assert got["gallery"]["skipped"] == ref["gallery"]["skipped"] == ["img_03.png", "img_06.png"]
+    # a chunk lost from the middle
+    built = _files(out)
+    os.remove(out / "chunks" / "chunk_000001.json")
+    with pytest.raises(ix.IndexIncomplete, match="1 of 4 chunks missing .first: 1."):
+        ix.finalize_index(str(out))
+    manifest["status"] = "building"  # as an interrupted build leaves it
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    assert _index(oim, str(source), out, "--chunk-frames", "2") == 0
+    assert _files(out) == built
+
+
 def test_confidence_threshold_filters_and_cannot_go_below_the_index(folder_index, data,
                                                                     tmp_path, capsys):
     data_ = ix.load_index(str(folder_index))
