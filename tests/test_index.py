@@ -238,6 +238,8 @@ def test_interrupted_build_continues_to_the_same_index(data, oim, tmp_path, monk
     assert {p: search_fixtures.frame_level(f) for p, f in frames.items()} == {2: 4, 4: 8, 7: 14}
 
 
+@pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.device_count() < 2,
+                    reason="launch gives each process a GPU: needs 2 (CPU processes without CUDA)")
 def test_two_processes_build_the_one_process_index(data, oim, tmp_path):
     args = ("--every", "2", "--chunk-frames", "3")
     assert _index(oim, data["video"], tmp_path / "one", *args) == 0
