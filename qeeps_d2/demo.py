@@ -102,7 +102,7 @@ def _table(rows: List[Dict]) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description="QEEPS-D2 demo: SynthPS, OIM vs QEEPS")
-    parser.add_argument("--out", default="output/demo", help="output folder")
+    parser.add_argument("--output", "--out", dest="out", default="output/demo", help="output folder")
     parser.add_argument("--queries", type=int, default=8, help="queries shown in the report")
     parser.add_argument("--cascade-topk", type=int, default=10, metavar="K",
                         help="evaluate QEEPS as a cascade: query-agnostic first stage, then the "

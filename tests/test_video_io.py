@@ -1,5 +1,7 @@
 """Video in and out for qeeps-search (#14 part 4): URL / camera sources, the PyAV decoder, a
 bound on live streams, and the annotated output video."""
+import json
+
 import cv2
 import numpy as np
 import pytest
@@ -122,3 +124,83 @@ def test_output_video_errors_name_the_file(tmp_path):
     writer = AnnotatedVideoWriter(str(blocked / "out.avi"), fps=5)  # a file where a folder goes
     with pytest.raises(OSError):
         writer.write(np.zeros((40, 40, 3), np.uint8), [], 0)
+
+
+# ------------------------------------------------------------------ qeeps-search with video
+@pytest.fixture(scope="module")
+def model_files(tmp_path_factory):
+    return search_fixtures.save_model_files(str(tmp_path_factory.mktemp("model")), False)
+
+
+def _frames(path):
+    capture = cv2.VideoCapture(path)
+    frames = []
+    while True:
+        ok, frame = capture.read()
+        if not ok:
+            return frames
+        frames.append(frame)
+
+
+def test_on_frame_sees_every_frames_matches_with_their_final_similarities(video, model_files):
+    from qeeps_d2.search import PersonSearcher
+
+    config, weights, _, _ = model_files
+    searcher = PersonSearcher.from_config(config, weights, device="cpu")
+    query = search_fixtures.random_image(7)
+    seen = []
+    ranked = searcher.search(query, (10, 8, 40, 60), iter_gallery(video, every=4), progress=False,
+                             on_frame=lambda frame, found: seen.append((frame.index, found)))
+    assert [i for i, _ in seen] == [0, 4, 8, 12, 16]
+    flat = sorted((m for _, found in seen for m in found), key=lambda m: -m.similarity)
+    assert len(ranked) > 0 and flat == ranked
+
+def test_on_frame_is_refused_in_a_cascade(video, tmp_path):
+    from qeeps_d2.search import PersonSearcher
+
+    config, weights, _, _ = search_fixtures.save_model_files(str(tmp_path), True)
+    searcher = PersonSearcher.from_config(config, weights, device="cpu")
+    with pytest.raises(ValueError, match="on_frame is called with final similarities"):
+        searcher.search(search_fixtures.random_image(7), (10, 8, 40, 60), iter_gallery(video),
+                        on_frame=print, cascade_topk=2)
+
+
+def test_search_cli_writes_an_annotated_video_of_a_url_source(video, model_files, tmp_path):
+    from qeeps_d2.search.cli import main
+
+    config, weights, _, _ = model_files
+    query = str(tmp_path / "query.png")
+    cv2.imwrite(query, search_fixtures.random_image(7))
+    out, clip = tmp_path / "out", tmp_path / "annotated.avi"
+    assert main(["--config-file", config, "--weights", weights, "--query", query,
+                 "--box", "10,8,40,60", "--input", "file://" + video, "--every", "2",
+                 "--max-frames", "6", "--output", str(out), "--output-video", str(clip),
+                 "--match-threshold", "-1", "--device", "cpu"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["gallery"]["frames_searched"] == 6
+    assert results["gallery"]["output_video"] == str(clip)
+    frames = _frames(str(clip))
+    assert len(frames) == 6 and frames[0].shape == (H, W, 3)
+    # the best match of the search is drawn green in its frame of the video
+    best = results["matches"][0]
+    x1, y1, x2, y2 = (int(round(v)) for v in best["box"])
+    drawn = frames[best["index"] // 2]
+    assert _green(drawn, (max(x1, 1), y1, min(x2, W - 2), y2)) > 0.3
+    capture = cv2.VideoCapture(str(clip))
+    assert capture.get(cv2.CAP_PROP_FPS) == pytest.approx(5.0)  # 10 fps source, every 2nd frame
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--output-video", "v.avi", "--cascade-topk", "2"], "--output-video draws each frame"),
+    (["--max-frames", "0"], "--max-frames must be >= 1"),
+])
+def test_search_cli_video_option_errors(video, model_files, tmp_path, capsys, extra, message):
+    from qeeps_d2.search.cli import main
+
+    config, weights, _, _ = model_files
+    query = str(tmp_path / "q.png")
+    cv2.imwrite(query, search_fixtures.random_image(7))
+    assert main(["--config-file", config, "--weights", weights, "--query", query, "--box",
+                 "10,8,40,60", "--gallery", video, "--output", str(tmp_path / "o"),
+                 *extra]) == 2
+    assert message in capsys.readouterr().err

@@ -64,10 +64,11 @@ import cv2
 import numpy as np
 
 from ..checkpoint import CheckpointError
-from .gallery import count_gallery, iter_gallery, read_image_bgr
+from .gallery import VIDEO_BACKENDS, count_gallery, is_stream, iter_gallery, read_image_bgr
 from .progress import SearchInterrupted, discard_progress, file_signature, resumable_search
 from .render import QUERY_COLOUR, draw_matches, match_strip, write_html_report
 from .searcher import Match, PersonSearcher, merge_cascade_matches
+from .video_output import AnnotatedVideoWriter
 from ..utils.cli import ArgumentParser, UsageError, run_cli
 
 __all__ = ["main"]
@@ -84,7 +85,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--query", help="query image (with --box)")
     p.add_argument("--box", help="query person box x1,y1,x2,y2 in query-image pixels")
     p.add_argument("--query-crop", help="a crop of the query person (the whole image is the box)")
-    p.add_argument("--gallery", help="folder of .jpg/.jpeg/.png/.bmp or a video (or --index)")
+    p.add_argument("--gallery", "--input", dest="gallery",
+                   help="folder of .jpg/.jpeg/.png/.bmp, a video file, a stream URL "
+                        "(rtsp://, http://) or a camera index (0); or --index")
     p.add_argument("--index", help="search an index built by qeeps-index instead of a gallery")
     p.add_argument("--rerank", type=int, default=0,
                    help="with --index: re-score the K frames with the best matches as (query, "
@@ -94,7 +97,20 @@ def _parser() -> argparse.ArgumentParser:
                         "TEST.PERSON_SEARCH.DET_THRESH; with --index: the index's)")
     p.add_argument("--topk", type=int, default=10, help="matches to keep (default 10)")
     p.add_argument("--every", type=int, default=1, help="search every N-th frame (default 1)")
-    p.add_argument("--out", default="output/search", help="output folder (default output/search)")
+    p.add_argument("--out", "--output", dest="out", default="output/search",
+                   help="output folder (default output/search)")
+    p.add_argument("--output-video", metavar="FILE",
+                   help="also write the searched frames as a video (.mp4/.avi/...), each "
+                        "frame's best match drawn (green when its similarity reaches "
+                        "--match-threshold); a search with it is not continued after an "
+                        "interruption")
+    p.add_argument("--match-threshold", type=float, default=None, metavar="S",
+                   help="--output-video: similarity from which a frame's best match is marked "
+                        "as the person (default: every frame's best is marked)")
+    p.add_argument("--max-frames", type=int, default=None,
+                   help="search at most N frames (of those --every keeps); bounds a live stream")
+    p.add_argument("--video-backend", choices=VIDEO_BACKENDS, default="auto",
+                   help="video decoder: auto (OpenCV, then PyAV), opencv or pyav")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if any)")
     p.add_argument("--batch-size", type=int, default=4, help="frames per forward (default 4)")
     p.add_argument("--save-every", type=int, default=200,
@@ -134,6 +150,13 @@ def _query(args):
 
 
 def _check_options(args) -> None:
+    if args.max_frames is not None and args.max_frames < 1:
+        raise UsageError(f"--max-frames must be >= 1, got {args.max_frames}")
+    if args.output_video and args.cascade_topk:
+        raise UsageError("--output-video draws each frame as it is searched; with "
+                         "--cascade-topk the final similarities come later: drop one of them")
+    if args.index and (args.output_video or args.max_frames):
+        raise UsageError("--output-video and --max-frames go with --gallery, not --index")
     for name in ("topk", "every", "batch_size", "save_every"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -173,8 +196,9 @@ def _results(args, query_path, box, is_crop, searcher, num_read, skipped, matche
         "model": {"config": args.config, "weights": args.weights,
                   "query_guided": searcher.query_guided, "device": cfg.MODEL.DEVICE,
                   "det_thresh": searcher.det_thresh, "cascade_topk": args.cascade_topk},
-        "gallery": {"path": args.gallery, "every": args.every,
-                    "frames_searched": num_read, "skipped": list(skipped)},
+        "gallery": {"path": args.gallery, "every": args.every, "max_frames": args.max_frames,
+                    "frames_searched": num_read, "skipped": list(skipped),
+                    "output_video": args.output_video},
         "matches": _match_rows(matches),
     }
 
@@ -254,16 +278,29 @@ def _run(args) -> List[str]:
     if args.index:
         return _run_index(args)
     query_path, query_image, box, is_crop = _query(args)
-    gallery = iter_gallery(args.gallery, args.every)
+    gallery = iter_gallery(args.gallery, args.every, max_frames=args.max_frames,
+                           backend=args.video_backend)
     searcher = PersonSearcher.from_config(args.config, args.weights, device=args.device,
                                           opts=_model_opts(args, args.confidence_threshold))
     out = os.path.abspath(args.out)
     progress_dir = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.partial")
-    if args.cascade_topk:  # two passes over the gallery: not continued after an interruption
-        matches = searcher.search(query_path, box, gallery, topk=args.topk,
-                                  batch_size=args.batch_size, progress=True,
-                                  total=count_gallery(args.gallery, args.every), keep_frames=True,
-                                  cascade_topk=args.cascade_topk)
+    video = None
+    if args.output_video:
+        every = args.every if gallery.is_video else 1
+        video = AnnotatedVideoWriter(args.output_video, gallery.fps / every, args.match_threshold)
+    if args.cascade_topk or video or gallery.is_stream or args.max_frames:
+        # one pass (two for a cascade), not continued after an interruption: a cascade's first
+        # pass, a stream and a video being written cannot be picked up half-way
+        try:
+            matches = searcher.search(
+                query_path, box, gallery, topk=args.topk, batch_size=args.batch_size,
+                progress=True, keep_frames=True, cascade_topk=args.cascade_topk or None,
+                total=count_gallery(args.gallery, args.every, args.max_frames, args.video_backend),
+                on_frame=None if video is None else (
+                    lambda frame, found: video.write(frame.image, found, frame.index)))
+        finally:
+            if video is not None:
+                video.close()
         num_read, skipped = gallery.num_read, list(gallery.skipped)
     else:
         signature = {"config": file_signature(args.config), "weights": file_signature(args.weights),
@@ -286,8 +323,11 @@ def _run(args) -> List[str]:
     mode = "query-guided (pairs)" if searcher.query_guided else "query-agnostic"
     if args.cascade_topk:
         mode = f"cascade: query-agnostic, then the best {args.cascade_topk} frames as pairs"
-    return [f"{num_read} frames searched ({mode}), {len(skipped)} skipped; "
-            f"results in {args.out}"] + _table(matches)
+    lines = [f"{num_read} frames searched ({mode}), {len(skipped)} skipped; "
+             f"results in {args.out}"]
+    if video is not None:
+        lines.append(f"annotated video ({video.frames_written} frames) in {args.output_video}")
+    return lines + _table(matches)
 
 
 def _index_models(args, manifest: dict, det_thresh: Optional[float]):

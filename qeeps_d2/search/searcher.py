@@ -30,7 +30,7 @@ import math
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -276,6 +276,7 @@ class PersonSearcher:
         total: Optional[int] = None,
         keep_frames: bool = False,
         cascade_topk: Optional[int] = None,
+        on_frame: Optional[Callable[[GalleryFrame, List[Match]], None]] = None,
     ) -> List[Match]:
         """Rank the gallery's detections by similarity to the query person.
 
@@ -294,6 +295,9 @@ class PersonSearcher:
             cascade_topk: query-guided models only: search in cascade (module docstring), the
                 ``cascade_topk`` best frames of the query-agnostic pass re-scored as pairs;
                 None = every frame as a pair.
+            on_frame: called as each frame is searched, with the frame and all its matches
+                (``det_score >= DET_THRESH``, their final similarities), e.g. to write an
+                annotated video (not with ``cascade_topk``, whose similarities come later).
 
         Returns:
             matches with ``det_score >= TEST.PERSON_SEARCH.DET_THRESH``, similarity descending
@@ -315,6 +319,9 @@ class PersonSearcher:
             if not self.query_guided:
                 raise ValueError("cascade search needs a query-guided model; this one is "
                                  "query-agnostic (it already runs each frame once)")
+            if on_frame is not None:
+                raise ValueError("on_frame is called with final similarities, which a cascade "
+                                 "search only has at its end")
         query = self._prepare_query(query_image, query_box)
         matches: List[Match] = []
         shortlist = _FrameShortlist(cascade_topk, topk) if cascade_topk else None
@@ -334,6 +341,8 @@ class PersonSearcher:
                     outputs = self._run_gallery(batch)
                 for frame, out in zip(batch, outputs):
                     found = self._matches(frame, out["instances"], query_embed, keep_frames)
+                    if on_frame is not None:
+                        on_frame(frame, found)
                     if shortlist is None:
                         matches.extend(found)
                     else:

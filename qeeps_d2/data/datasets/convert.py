@@ -197,7 +197,8 @@ def _parser() -> argparse.ArgumentParser:
                                    "file (qeeps_d2/data/datasets/custom.py format).")
     p.add_argument("--dataset", required=True, help="built-in data set: "
                    + ", ".join(catalog.DATASET_NAMES))
-    p.add_argument("--out", required=True, help="output file (.json or .json.gz)")
+    p.add_argument("--output", "--out", dest="out", required=True,
+                   help="output file (.json or .json.gz)")
     p.add_argument("--name", help="data set name in the file (default <dataset>_json)")
     p.add_argument("--gallery-sizes", help="CUHK-SYSU style test sets: comma-separated sizes "
                    "to write (default: every size whose TestG file exists)")
