@@ -41,6 +41,7 @@ __all__ = [
     "Gallery",
     "GalleryFrame",
     "count_gallery",
+    "image_files",
     "is_stream",
     "iter_gallery",
     "read_image_bgr",
@@ -90,7 +91,7 @@ def _check_every(every: int) -> int:
     return int(every)
 
 
-def _image_files(folder: str) -> List[str]:
+def image_files(folder: str) -> List[str]:
     """Sorted names of the image files directly in ``folder``."""
     return sorted(
         n for n in os.listdir(folder)
@@ -281,7 +282,7 @@ class Gallery:
                 self.fps, self.decoder = video.fps(), video.name
             finally:
                 video.release()
-        elif not _image_files(self.path):
+        elif not image_files(self.path):
             raise ValueError(
                 f"gallery folder {self.path} holds no {'/'.join(IMAGE_EXTENSIONS)} image"
             )
@@ -297,7 +298,7 @@ class Gallery:
                 return
 
     def _folder_frames(self) -> Iterator[GalleryFrame]:
-        names = _image_files(self.path)
+        names = image_files(self.path)
         for index in range(self.start * self.every, len(names), self.every):
             name = names[index]
             try:
@@ -361,7 +362,7 @@ def count_gallery(path: Union[str, int], every: int = 1, max_frames: Optional[in
     every = _check_every(every)
     path = str(path)
     if os.path.isdir(path):
-        count = math.ceil(len(_image_files(path)) / every)
+        count = math.ceil(len(image_files(path)) / every)
     elif is_stream(path):
         count = None
     else:
