@@ -418,7 +418,7 @@ def test_bad_files_give_one_line_errors(case, tmp_path):
 
 
 @pytest.mark.parametrize("content, message", [
-    ("{\"format\": ", "not a readable JSON file (Expecting value: line 1"),
+    ("{\"format\": ", "not a readable JSON person-search data set file (Expecting value: line 1"),
     ("[1, 2]", "the file must hold a JSON object, got a list"),
 ])
 def test_unreadable_files(tmp_path, content, message):

@@ -40,7 +40,7 @@ from ..data.search_protocol import SearchProtocol
 from .detection_metrics import evaluate_detections
 from .results_file import SearchResults, read_results, validate_against_protocol
 from .search_metrics import TOP_K, SearchScores, score_search
-from ..utils.cli import ArgumentParser, UsageError, run_cli
+from ..utils.cli import ArgumentParser, UsageError, add_protocol_arguments, run_cli
 
 __all__ = ["main"]
 
@@ -49,17 +49,8 @@ def _parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="qeeps-eval",
                 description="Score a person-search results file against a data set's protocol.")
     p.add_argument("results", metavar="RESULTS", help="results file (.json or .json.gz)")
-    p.add_argument("--dataset", required=True, metavar="NAME|FILE.json",
-                   help="registered test set (built in: " + ", ".join(
-                       n for n in DATASET_NAMES if is_test_set(n))
-                   + "), or a custom data set file (.json / .json.gz)")
-    p.add_argument("--gallery-size", type=int, default=100,
-                   help="CUHK-SYSU style sets: 50, 100, 500, 1000, 2000, 4000 or -1 (whole pool)")
-    p.add_argument("--cross-camera", action="store_true",
-                   help="PRW (and custom sets with camera ids): search only frames of other "
-                   "cameras than the query's")
-    p.add_argument("--det-thresh", type=float, default=0.5,
-                   help="detections with det_score >= this are ranked (default 0.5)")
+    add_protocol_arguments(p, dataset_required=True, builtin_sets=[
+        n for n in DATASET_NAMES if is_test_set(n)])
     p.add_argument("--json", action="store_true",
                    help="end with one JSON line of the metrics (fractions in [0, 1])")
     return p

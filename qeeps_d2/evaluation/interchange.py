@@ -62,7 +62,7 @@ from ..data.dataset_dicts import XYWH_ABS, XYXY_ABS
 from ..data.datasets.catalog import add_person_search_file, load_dataset_dicts, load_protocol
 from ..data.datasets.custom import is_person_search_path, read_person_search_file
 from ..data.search_protocol import SearchProtocol
-from ..utils.cli import ArgumentParser, UsageError, run_cli
+from ..utils.cli import ArgumentParser, UsageError, add_protocol_arguments, run_cli
 from .ranking import rank_query
 from .results_file import SearchResults, read_results, validate_against_protocol
 
@@ -230,15 +230,9 @@ def _parser() -> argparse.ArgumentParser:
                         "data set's image order, 1-based")
     p.add_argument("--topk", metavar="FILE", help="write per-query top-k lists here")
     p.add_argument("--k", type=int, default=10, help="entries per query in --topk (default 10)")
-    p.add_argument("--dataset", metavar="NAME|FILE.json",
-                   help="registered data set or custom data set file (default: the results "
-                        "file's data set)")
-    p.add_argument("--gallery-size", type=int, default=100,
-                   help="--topk protocol, CUHK-SYSU style sets: 50, 100, ... or -1 (default 100)")
-    p.add_argument("--cross-camera", action="store_true",
-                   help="--topk protocol, PRW: galleries of other cameras than the query's")
-    p.add_argument("--det-thresh", type=float, default=None,
-                   help="keep detections with det_score >= this (default: 0 for --coco, 0.5, "
+    add_protocol_arguments(
+        p, det_thresh=None, scope="--topk protocol: ",
+        det_thresh_help="keep detections with det_score >= this (default: 0 for --coco, 0.5, "
                         "the protocol's, for --topk)")
     return p
 

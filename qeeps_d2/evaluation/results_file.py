@@ -38,6 +38,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from ..utils.json_files import load_json_file
 from ..data.datasets.catalog import is_registered, registered_names
 from ..data.search_protocol import SearchProtocol
 
@@ -147,18 +148,7 @@ def write_results(
 
 
 def _load_json(path: str) -> Any:
-    if not path.endswith((".json", ".json.gz")):
-        raise ValueError(f"{path}: a results file must end with .json or .json.gz")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: results file not found")
-    try:
-        if path.endswith(".gz"):
-            with gzip.open(path, "rt", encoding="utf-8") as f:
-                return json.load(f)
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, EOFError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not a readable JSON results file ({e})") from None
+    return load_json_file(path, "results file")
 
 
 def _parse_rows(path: str, where: str, rows: Any, width: int) -> np.ndarray:

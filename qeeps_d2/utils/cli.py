@@ -15,6 +15,7 @@ from typing import Callable, List, Optional, Sequence, Tuple, Type, TypeVar
 T = TypeVar("T")
 
 __all__ = ["UsageError", "ArgumentParser", "add_model_arguments", "add_output_argument",
+           "add_protocol_arguments",
            "model_opts", "run_cli", "report_user_error", "exit_on_user_error"]
 
 
@@ -75,6 +76,32 @@ def add_output_argument(parser: argparse.ArgumentParser, default: Optional[str],
     """``--output`` (``--out`` kept as an alias; ``args.output``), as Detectron2's tools name it."""
     parser.add_argument("--output", "--out", dest="output", default=default, metavar="PATH",
                         help=help + (f" (default {default})" if default else ""))
+    return parser
+
+
+def add_protocol_arguments(parser: argparse.ArgumentParser, dataset_required: bool = False,
+                           det_thresh: Optional[float] = 0.5, det_thresh_help: str = "",
+                           scope: str = "", builtin_sets: Sequence[str] = ()
+                           ) -> argparse.ArgumentParser:
+    """The search-protocol flags of the tools that read results files (``qeeps-eval``,
+    ``qeeps-view``, ``qeeps-convert-results``): ``--dataset NAME|FILE.json`` (required, or
+    default the results file's data set), ``--gallery-size``, ``--cross-camera`` and
+    ``--det-thresh`` (default ``det_thresh``). ``scope`` prefixes the protocol flags' help (e.g.
+    ``"--topk protocol: "``); ``builtin_sets`` are listed in ``--dataset``'s help."""
+    listed = f" (built in: {', '.join(builtin_sets)})" if builtin_sets else ""
+    parser.add_argument(
+        "--dataset", required=dataset_required, metavar="NAME|FILE.json",
+        help=f"registered test set{listed} or a custom data set file (.json / .json.gz)"
+             + ("" if dataset_required else "; default: the results file's data set"))
+    parser.add_argument("--gallery-size", type=int, default=100,
+                        help=f"{scope}CUHK-SYSU style sets: 50, 100, 500, 1000, 2000, 4000 or "
+                             "-1 (whole pool); default 100")
+    parser.add_argument("--cross-camera", action="store_true",
+                        help=f"{scope}PRW (and custom sets with camera ids): search only frames "
+                             "of other cameras than the query's")
+    parser.add_argument("--det-thresh", type=float, default=det_thresh,
+                        help=det_thresh_help or "detections with det_score >= this are ranked "
+                                                f"(default {det_thresh})")
     return parser
 
 

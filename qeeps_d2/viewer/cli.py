@@ -29,7 +29,7 @@ from typing import List, Optional, Sequence
 
 from ..data.datasets.builtin import register_person_search_file
 from ..data.datasets.custom import is_person_search_path
-from ..utils.cli import ArgumentParser, UsageError, run_cli
+from ..utils.cli import ArgumentParser, UsageError, add_protocol_arguments, run_cli
 from .report import build_viewer
 from .selection import QuerySelection, parse_query_list
 
@@ -43,15 +43,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--results", action="append", required=True, metavar="R",
                    help="results file (.json or .json.gz); repeat to compare models")
     p.add_argument("--labels", help="comma-separated names of the results files (e.g. OIM,QEEPS)")
-    p.add_argument("--dataset", metavar="NAME|FILE.json",
-                   help="registered test set or custom data set file (default: the results "
-                        "file's data set)")
-    p.add_argument("--gallery-size", type=int, default=100,
-                   help="CUHK-SYSU style sets: 50, 100, ... or -1 (whole pool); default 100")
-    p.add_argument("--cross-camera", action="store_true",
-                   help="PRW: search only frames of other cameras than the query's")
-    p.add_argument("--det-thresh", type=float, default=0.5,
-                   help="detections with det_score >= this are ranked (default 0.5)")
+    add_protocol_arguments(p)
     p.add_argument("--topk", type=int, default=5, help="matches shown per query (default 5)")
     choice = p.add_mutually_exclusive_group()
     choice.add_argument("--worst", type=int, metavar="N", help="the N queries of lowest AP")

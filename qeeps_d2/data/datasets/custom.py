@@ -58,7 +58,6 @@ normalised relative paths, unknown images in queries and galleries, person ids <
 """
 from __future__ import annotations
 
-import gzip
 import json
 import logging
 import math
@@ -69,6 +68,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ...utils.json_files import JSON_SUFFIXES, load_json_file
 from ..dataset_dicts import UNLABELED, make_image_dicts
 from ..search_protocol import Gallery, Query, SearchProtocol
 
@@ -87,7 +87,7 @@ logger = logging.getLogger(__name__)
 FORMAT = "qeeps-person-search"
 VERSION = 1
 GALLERY_RULES = ("all_other_images", "other_cameras", "explicit")
-SUFFIXES = (".json", ".json.gz")
+SUFFIXES = JSON_SUFFIXES
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
 
 
@@ -441,18 +441,7 @@ _CACHE: Dict[str, Tuple[Tuple[int, int], PersonSearchFile]] = {}
 
 def load_json_document(path: str) -> Any:
     """The JSON content of ``path`` (.json or .json.gz), or a one-line error naming it."""
-    if not is_person_search_path(path):
-        raise ValueError(f"{path}: a person-search data set file must end with .json or .json.gz")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: person-search data set file not found")
-    try:
-        if path.endswith(".gz"):
-            with gzip.open(path, "rt", encoding="utf-8") as f:
-                return json.load(f)
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, EOFError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not a readable JSON file ({e})") from None
+    return load_json_file(path, "person-search data set file")
 
 
 def read_person_search_file(path: str) -> PersonSearchFile:
