@@ -29,3 +29,22 @@ def _restore_logging():
         handlers, propagate, level, disabled = before.get(logger, ([], True, logging.NOTSET, False))
         logger.handlers[:] = handlers
         logger.propagate, logger.level, logger.disabled = propagate, level, disabled
+
+
+@pytest.fixture(scope="module")
+def cuhk_prw_root(tmp_path_factory):
+    """A ``$DETECTRON2_DATASETS`` folder with the small CUHK-SYSU and PRW fixtures (official
+    layouts, tests/dataset_fixtures.py), built once per test module."""
+    import dataset_fixtures
+
+    root = tmp_path_factory.mktemp("datasets")
+    dataset_fixtures.make_cuhk_sysu_fixture(str(root / "CUHK-SYSU"))
+    dataset_fixtures.make_prw_fixture(str(root / "PRW"))
+    return root
+
+
+@pytest.fixture
+def cuhk_prw_env(cuhk_prw_root, monkeypatch):
+    """``$DETECTRON2_DATASETS`` pointing at :func:`cuhk_prw_root` for one test."""
+    monkeypatch.setenv("DETECTRON2_DATASETS", str(cuhk_prw_root))
+    return cuhk_prw_root

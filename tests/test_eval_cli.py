@@ -4,22 +4,14 @@ import os
 
 import pytest
 
-import dataset_fixtures
 from qeeps_d2.evaluation.cli import main
 from qeeps_d2.evaluation.results_file import write_results
 
 
-@pytest.fixture(scope="module")
-def datasets_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("datasets")
-    dataset_fixtures.make_cuhk_sysu_fixture(str(root / "CUHK-SYSU"))
-    dataset_fixtures.make_prw_fixture(str(root / "PRW"))
-    return root
-
-
 @pytest.fixture(autouse=True)
-def datasets_env(datasets_root, monkeypatch):
-    monkeypatch.setenv("DETECTRON2_DATASETS", str(datasets_root))
+def datasets_env(cuhk_prw_env):
+    """Every test here reads the CUHK-SYSU / PRW fixtures (tests/conftest.py)."""
+    return cuhk_prw_env
 
 
 # CUHK fixture, G100: query 0 (s5.jpg) has targets in s6, s7; query 1 (s6.jpg) in s8, and s7 is

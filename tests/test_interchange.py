@@ -13,7 +13,6 @@ import pytest
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-import dataset_fixtures
 from model_fixtures import REPO
 from qeeps_d2.data.dataset_dicts import detection_ground_truth
 from qeeps_d2.data.datasets.catalog import load_dataset_dicts, load_protocol
@@ -47,16 +46,10 @@ DETECTIONS = {
 }
 
 
-@pytest.fixture(scope="module")
-def datasets_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("datasets")
-    dataset_fixtures.make_cuhk_sysu_fixture(str(root / "CUHK-SYSU"))
-    return root
-
-
 @pytest.fixture(autouse=True)
-def datasets_env(datasets_root, monkeypatch):
-    monkeypatch.setenv("DETECTRON2_DATASETS", str(datasets_root))
+def datasets_env(cuhk_prw_env):
+    """Every test here reads the CUHK-SYSU / PRW fixtures (tests/conftest.py)."""
+    return cuhk_prw_env
 
 
 def _write(tmp_path, queries=CUHK_QUERIES, name="results.json.gz", **extra):

@@ -13,7 +13,6 @@ import cv2
 import numpy as np
 import pytest
 
-import dataset_fixtures
 from model_fixtures import REPO
 from qeeps_d2.data.search_protocol import Gallery
 from qeeps_d2.evaluation.cli import main as eval_main
@@ -39,17 +38,10 @@ CUHK_QUERIES = [
 # det_score 0.3 is below the threshold (were it ranked, AP 1/4).
 
 
-@pytest.fixture(scope="module")
-def datasets_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("datasets")
-    dataset_fixtures.make_cuhk_sysu_fixture(str(root / "CUHK-SYSU"))
-    dataset_fixtures.make_prw_fixture(str(root / "PRW"))
-    return root
-
-
 @pytest.fixture(autouse=True)
-def datasets_env(datasets_root, monkeypatch):
-    monkeypatch.setenv("DETECTRON2_DATASETS", str(datasets_root))
+def datasets_env(cuhk_prw_env):
+    """Every test here reads the CUHK-SYSU / PRW fixtures (tests/conftest.py)."""
+    return cuhk_prw_env
 
 
 def _write(tmp_path, queries, dataset="cuhk_sysu_test", name="results.json.gz", **extra):
@@ -360,7 +352,7 @@ def _error(capsys, argv):
     return err
 
 
-def test_one_line_errors(tmp_path, capsys, datasets_root):
+def test_one_line_errors(tmp_path, capsys, cuhk_prw_root):
     path = _write(tmp_path, CUHK_QUERIES)
     out = ["--output", str(tmp_path / "v")]
     err = _error(capsys, ["--results", path, "--queries", "0,7", *out])
@@ -382,12 +374,12 @@ def test_one_line_errors(tmp_path, capsys, datasets_root):
     other = _write(tmp_path, stray, name="g50.json")
     assert "not in its gallery" in _error(capsys, ["--results", other, *out])
     # the images folder missing
-    images = datasets_root / "CUHK-SYSU" / "Image"
-    images.rename(datasets_root / "CUHK-SYSU" / "Image.away")
+    images = cuhk_prw_root / "CUHK-SYSU" / "Image"
+    images.rename(cuhk_prw_root / "CUHK-SYSU" / "Image.away")
     try:
         err = _error(capsys, ["--results", path, *out])
     finally:
-        (datasets_root / "CUHK-SYSU" / "Image.away").rename(images)
+        (cuhk_prw_root / "CUHK-SYSU" / "Image.away").rename(images)
     assert f"images folder {images / 'SSM'} of cuhk_sysu_test not found" in err
 
 
