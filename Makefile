@@ -4,6 +4,8 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check
 STAMP  := $(VENV)/.qeeps-installed
+# the test extras (pytest, onnx/onnxruntime, PyAV, ...): only `make test` needs them
+TEST_STAMP := $(VENV)/.qeeps-test-installed
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
 # Detectron2's own run-time dependencies (needed when it comes from the sal-detectron2 wheel,
 # which is installed without dependency resolution).
@@ -24,11 +26,15 @@ $(STAMP): pyproject.toml Makefile
 	  $(PIP) install -q --no-deps --only-binary=:all: --python-version 3.10 --implementation cp \
 	    --target "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" \
 	    sal-detectron2==0.7.2 && $(PIP) install -q $(D2_DEPS); }
-	$(PIP) install -q -e ".[test]"
+	$(PIP) install -q -e .
 	$(PY) -c "import detectron2, qeeps_d2" 
 	touch $(STAMP)
 
-test: $(STAMP)
+$(TEST_STAMP): $(STAMP)
+	$(PIP) install -q -e ".[test]"
+	touch $(TEST_STAMP)
+
+test: $(TEST_STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests
 
 demo: $(STAMP)
