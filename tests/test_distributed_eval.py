@@ -1,6 +1,7 @@
 """Distributed evaluation: two CPU processes (gloo) through Detectron2's ``launch`` give the same
 results files as one process, for the agnostic, pair and cascade runs of ``Trainer.test``."""
 import json
+import warnings
 
 import pytest
 import torch
@@ -8,6 +9,23 @@ from detectron2.engine import launch
 
 import dataset_fixtures
 import dist_eval_worker
+
+
+def _launch_two(weights: str, out: str) -> None:
+    """The two-process run, retried once if a process aborts (SIGABRT): one full CI run saw
+    rank 0 abort ("terminate called without an active exception") 0.4 s into the
+    evaluation, which reruns of this file alone did not reproduce. A second abort fails the
+    test; the results are compared either way."""
+    from torch.multiprocessing.spawn import ProcessExitedException
+
+    for attempt in (1, 2):
+        try:
+            launch(dist_eval_worker.evaluate_runs, 2, dist_url="auto", args=(weights, out, 2))
+            return
+        except ProcessExitedException as e:
+            if attempt == 2 or getattr(e, "signal_name", None) != "SIGABRT":
+                raise
+            warnings.warn(f"two-process evaluation aborted ({e}); retrying once")
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +43,7 @@ def runs(tmp_path_factory):
         # ranks would batch differently from the single process; the fixture's images share one
         # size (the sharding of size-grouped batches: tests/test_batch_composition.py)
         launch(dist_eval_worker.evaluate_runs, 1, args=(weights, str(tmp / "one"), 2))
-        launch(dist_eval_worker.evaluate_runs, 2, dist_url="auto",
-               args=(weights, str(tmp / "two"), 2))
+        _launch_two(weights, str(tmp / "two"))
     finally:
         torch.set_num_threads(threads)
         mp.undo()
