@@ -387,7 +387,7 @@ def main(argv=None) -> int:
     print(f"load average {report['load_average_start']} -> {report['load_average_end']} "
           f"({report['cpus']} CPUs, torch {report['torch_threads']} / faiss "
           f"{report['faiss_threads']} threads)")
-    os.makedirs(os.path.dirname(args.json), exist_ok=True)
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump(report, f, indent=1)
     print(f"JSON in {args.json}")

@@ -20,7 +20,7 @@ import os
 from typing import List, Optional, Sequence
 
 from ..checkpoint import CheckpointError
-from ..utils.cli import ArgumentParser, UsageError, run_cli
+from ..utils.cli import ArgumentParser, UsageError, model_opts, run_cli
 from .onnx_export import ExportCheckError
 
 __all__ = ["main"]
@@ -68,8 +68,7 @@ def _run(args) -> List[str]:
         raise UsageError(f"--output {args.output}: the file name must end in .onnx")
     if os.path.isdir(args.output):
         raise UsageError(f"--output {args.output} is a folder")
-    if len(args.opts) % 2:
-        raise UsageError(f"--opts takes KEY VALUE pairs, got {len(args.opts)} words")
+    model_opts(args)  # checks --opts pairs
     sample = _read_bgr(args.sample_image) if args.sample_image else None
     cfg, model = load_export_model(args.config_file, args.weights, args.opts, args.first_stage)
     meta = export_onnx(cfg, model, args.output, config_file=args.config_file,

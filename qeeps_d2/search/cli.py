@@ -69,7 +69,7 @@ from .progress import SearchInterrupted, discard_progress, file_signature, resum
 from .render import QUERY_COLOUR, draw_matches, match_strip, write_html_report
 from .searcher import Match, PersonSearcher, merge_cascade_matches
 from .video_output import AnnotatedVideoWriter
-from ..utils.cli import ArgumentParser, UsageError, run_cli
+from ..utils.cli import ArgumentParser, UsageError, model_opts, run_cli
 
 __all__ = ["main"]
 
@@ -163,8 +163,7 @@ def _check_options(args) -> None:
     for name in ("cascade_topk", "rerank"):
         if getattr(args, name) < 0:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    if len(args.opts) % 2:
-        raise UsageError(f"--opts takes KEY VALUE pairs, got {len(args.opts)} values")
+    model_opts(args)  # checks --opts pairs and --confidence-threshold
     if args.index:
         if args.gallery:
             raise UsageError("give --gallery or --index, not both (an index reads its own source)")
@@ -265,14 +264,6 @@ def _table(matches: Sequence[Match]) -> List[str]:
     return lines
 
 
-def _model_opts(args, det_thresh: Optional[float]) -> List[str]:
-    """--opts plus --confidence-threshold as TEST.PERSON_SEARCH.DET_THRESH."""
-    opts = list(args.opts)
-    if det_thresh is not None:
-        opts += ["TEST.PERSON_SEARCH.DET_THRESH", str(det_thresh)]
-    return opts
-
-
 def _run(args) -> List[str]:
     _check_options(args)
     if args.index:
@@ -281,7 +272,7 @@ def _run(args) -> List[str]:
     gallery = iter_gallery(args.gallery, args.every, max_frames=args.max_frames,
                            backend=args.video_backend)
     searcher = PersonSearcher.from_config(args.config, args.weights, device=args.device,
-                                          opts=_model_opts(args, args.confidence_threshold))
+                                          opts=model_opts(args))
     out = os.path.abspath(args.out)
     progress_dir = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.partial")
     video = None

@@ -34,7 +34,7 @@ import time
 from typing import Dict, List, Optional, Sequence
 
 from ..checkpoint import CheckpointError
-from ..utils.cli import ArgumentParser, UsageError, run_cli
+from ..utils.cli import ArgumentParser, UsageError, model_opts, run_cli
 from .gallery import count_gallery
 from .index import (
     DEFAULT_CHUNK_FRAMES,
@@ -99,8 +99,7 @@ def _check_options(args) -> None:
     if args.num_machines > 1 and args.dist_url == "auto":
         raise UsageError("--dist-url auto works on one machine only: give tcp://HOST:PORT of "
                          "machine 0")
-    if len(args.opts) % 2:
-        raise UsageError(f"--opts takes KEY VALUE pairs, got {len(args.opts)} values")
+    model_opts(args)  # checks --opts pairs and --confidence-threshold
     if args.backend == "torch":
         if not (args.config_file and args.weights):
             raise UsageError("--backend torch needs --config-file and --weights")
