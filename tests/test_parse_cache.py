@@ -23,7 +23,7 @@ def cuhk_root(tmp_path):
 
 def _parses(root):
     """Every cached CUHK-SYSU parse (the .mat files and the test image sizes)."""
-    parsed = {"images": cuhk_sysu._read_images(root), "pool": cuhk_sysu._read_pool(root),
+    parsed = {"images": cuhk_sysu._read_images(root), "pool": cuhk_sysu.read_test_pool(root),
               "train": cuhk_sysu._read_train(root), "testg50": cuhk_sysu._read_testg(root, 50),
               "testg100": cuhk_sysu._read_testg(root, 100)}
     parsed["test"] = [(d["file_name"], d["height"], d["width"],

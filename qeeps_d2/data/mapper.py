@@ -34,7 +34,7 @@ from detectron2.data import transforms as T
 
 from ..utils.records import record_kind
 
-__all__ = ["PersonSearchMapper", "UNREADABLE_IMAGE_ERRORS", "jitter_box"]
+__all__ = ["PersonSearchMapper", "UNREADABLE_IMAGE_ERRORS", "check_query_box", "jitter_box"]
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +47,9 @@ def _to_tensor(image: np.ndarray) -> torch.Tensor:
     return torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
 
 
-def _check_box(box, width: int, height: int, where: str) -> np.ndarray:
+def check_query_box(box, width: int, height: int, where: str) -> np.ndarray:
+    """``box`` (4,) XYXY as float64, checked to be a non-empty box inside a ``width`` x
+    ``height`` image (1 pixel of slack); ``ValueError`` naming ``where`` otherwise."""
     box = np.asarray(box, dtype=np.float64).reshape(4)
     if not np.isfinite(box).all() or box[2] <= box[0] or box[3] <= box[1]:
         raise ValueError(f"{where}: query box {box.tolist()} is empty or not x1<x2, y1<y2")
@@ -162,7 +164,7 @@ class PersonSearchMapper(DatasetMapper):
             flipped = any(isinstance(t, T.HFlipTransform) for t in transforms.transforms)
             self._map_query_image(record, flipped)
         elif kind == "query":
-            box = _check_box(record["query_box"], width, height, record["file_name"])
+            box = check_query_box(record["query_box"], width, height, record["file_name"])
             record["query_box"] = torch.as_tensor(transforms.apply_box(box[None])[0]).float()
         if "given_boxes" in record:
             boxes = np.asarray(record["given_boxes"], dtype=np.float64).reshape(-1, 4)
@@ -176,7 +178,7 @@ class PersonSearchMapper(DatasetMapper):
     def _map_query_image(self, record, flipped: bool) -> None:
         image = self._read_checked(record["query_file_name"])
         height, width = image.shape[:2]
-        box = _check_box(record["query_box"], width, height, record["query_file_name"])
+        box = check_query_box(record["query_box"], width, height, record["query_file_name"])
         if self.is_train and self.query_box_jitter > 0:
             box = jitter_box(box, self.query_box_jitter, width, height)
         resize = [a for a in self.augmentations.augs if not isinstance(a, T.RandomFlip)]

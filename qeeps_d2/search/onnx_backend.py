@@ -26,7 +26,7 @@ import numpy as np
 
 from detectron2.data import transforms as T
 
-from ..data.mapper import _check_box
+from ..data.mapper import check_query_box
 from ..export.metadata import INPUT_NAMES, OUTPUT_NAMES, decode_metadata
 from .embedder import FrameDetections
 
@@ -149,7 +149,7 @@ class OnnxFrameEmbedder:
         values = np.asarray(box, dtype=np.float64).reshape(-1)
         if values.shape != (4,):
             raise ValueError(f"query box must be (x1, y1, x2, y2), got {list(box)}")
-        checked = _check_box(values, width, height, "query image")
+        checked = check_query_box(values, width, height, "query image")
         transform = self._transform(height, width)
         boxes = transform.apply_box(checked[None]).astype(np.float32)
         return self._run(image, transform, boxes)[3][0]

@@ -43,7 +43,7 @@ from ...utils.cli import ArgumentParser, UsageError, run_cli
 from ..dataset_dicts import XYXY_ABS
 from ..search_protocol import Gallery
 from . import catalog
-from .cuhk_sysu import _read_pool  # pool.mat order: the order of the whole-pool gallery (-1)
+from .cuhk_sysu import read_test_pool  # pool.mat order: the order of the whole-pool gallery (-1)
 from .custom import FORMAT, VERSION, is_person_search_path
 
 __all__ = ["person_search_document", "write_person_search_document", "main"]
@@ -127,7 +127,7 @@ def _explicit_protocol(dataset: str, dicts: Sequence[Dict], gallery_sizes, progr
                                                   first) for size in sizes}
         queries.append(entry)
     doc: Dict[str, Any] = {"gallery": "explicit", "gallery_sizes": sizes}
-    pool = _read_pool(catalog.dataset_root(dataset))
+    pool = read_test_pool(catalog.dataset_root(dataset))
     if pool != [d["image_id"] for d in dicts]:
         doc["pool"] = pool
     doc["queries"] = queries

@@ -49,6 +49,7 @@ __all__ = [
     "load_cuhk_sysu_protocol",
     "available_gallery_sizes",
     "num_train_pids",
+    "read_test_pool",
     "write_cuhk_sysu",
 ]
 
@@ -271,7 +272,8 @@ def _read_images(root: str):
         parse))
 
 
-def _read_pool(root: str) -> List[str]:
+def read_test_pool(root: str) -> List[str]:
+    """The image names of CUHK-SYSU's test pool (``pool.mat``), in the file's order."""
     path = os.path.join(root, _POOL)
     return _cached_parse(root, path, "cuhk_pool", STRINGS, lambda: _parse(
         path, "CUHK-SYSU test pool list", "pool", "'pool' cell array of image names",
@@ -361,7 +363,7 @@ def _split_annotations(root: str, split: str):
     if split not in ("train", "test"):
         raise ValueError(f"CUHK-SYSU split must be 'train' or 'test', got {split!r}")
     names, counts, boxes = _read_images(root)
-    pool = _read_pool(root)
+    pool = read_test_pool(root)
     index = {name: i for i, name in enumerate(names)}
     missing = [name for name in pool if name not in index]
     if missing:
@@ -501,7 +503,7 @@ def load_cuhk_sysu_protocol(root: str, gallery_size: int = 100,
     queries = [Query(index=k, image=name, box=_xyxy(box)[0], person_id=k)
                for k, (name, box) in enumerate(zip(base["query_images"], base["query_boxes"]))]
     if gallery_size == -1:
-        gallery_fn = _full_set_galleries(_list_galleries(base), _read_pool(root), queries)
+        gallery_fn = _full_set_galleries(_list_galleries(base), read_test_pool(root), queries)
     else:
         testg = base if gallery_size == 50 else _read_testg(root, gallery_size)
         _check_same_queries(base, testg, _testg_path(root, gallery_size))
