@@ -62,10 +62,14 @@ def add_qeeps_config(cfg):
     # Reduction ratio r of the excitation bottleneck (2C -> 2C/r -> C).
     _C.MODEL.QEEPS.QSSE.REDUCTION = 16
     # Initial channel weight s of every QSSE block: 0 = PyTorch's default initialisation (s about
-    # 0.5, which halves the residuals of a network trained without QSSE); in (0, 1) = s starts
-    # there for any input (fc2 zeroed, bias logit(INIT_GATE)), so a QEEPS model fine-tuned from
-    # an OIM checkpoint starts as that model.
+    # 0.5 * GATE_SCALE, which with scale 1 halves the residuals of a network trained without
+    # QSSE); in (0, GATE_SCALE) = s starts there for any input (fc2 zeroed, bias
+    # logit(INIT_GATE / GATE_SCALE)), so a QEEPS model fine-tuned from an OIM checkpoint starts
+    # as that model (exactly at INIT_GATE 1 with GATE_SCALE 2).
     _C.MODEL.QEEPS.QSSE.INIT_GATE = 0.0
+    # s = GATE_SCALE * sigmoid(.): 1 = the paper's Eq. 1; 2 puts s = 1 at the sigmoid's
+    # steepest point, where fine-tuned gates can learn (at s = 0.99 of scale 1 they barely move).
+    _C.MODEL.QEEPS.QSSE.GATE_SCALE = 1.0
 
     # QRPN (Sec. 4.2): query-guided objectness, summed per anchor with the stock RPN's.
     _C.MODEL.QEEPS.QRPN = CN()

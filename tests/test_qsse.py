@@ -68,10 +68,10 @@ def test_excitation_matches_reference_on_random_pairs():
     assert torch.equal(s2[0], s[0]) and not torch.allclose(s2[1], s[1])
 
 
-def _block_pair(qsse_cls, stock_cls, qsse_init_gate=0.0, **kwargs):
+def _block_pair(qsse_cls, stock_cls, qsse_init_gate=0.0, qsse_gate_scale=1.0, **kwargs):
     torch.manual_seed(1)
-    qsse_block = qsse_cls(8, 16, qsse_reduction=4, qsse_init_gate=qsse_init_gate, norm="BN",
-                          **kwargs)
+    qsse_block = qsse_cls(8, 16, qsse_reduction=4, qsse_init_gate=qsse_init_gate,
+                          qsse_gate_scale=qsse_gate_scale, norm="BN", **kwargs)
     stock_block = stock_cls(8, 16, norm="BN", **kwargs)
     result = stock_block.load_state_dict(qsse_block.state_dict(), strict=False)
     assert sorted(result.unexpected_keys) == sorted(
@@ -155,12 +155,43 @@ def test_init_gate_starts_every_pair_at_that_gate(qsse_cls, stock_cls, kwargs):
         qsse_cls(8, 16, qsse_reduction=4, qsse_init_gate=1.0, norm="BN", **kwargs)
 
 
+@pytest.mark.parametrize("qsse_cls,stock_cls,kwargs", BLOCKS)
+def test_gate_scale_two_starts_as_the_stock_block_where_the_gate_is_steepest(
+        qsse_cls, stock_cls, kwargs):
+    qsse_block, stock_block = _block_pair(qsse_cls, stock_cls, qsse_init_gate=1.0,
+                                          qsse_gate_scale=2.0, **kwargs)
+    qsse_block.eval()
+    stock_block.eval()
+    x = torch.randn(4, 8, 9, 10)
+    qsse_block.num_pairs = 2
+    # s = 2 * sigmoid(0) = 1 exactly: the paired block is the stock block
+    assert torch.allclose(qsse_block(x), stock_block(x), atol=1e-6)
+    # ds / d(fc2.bias) = 2 * sigmoid'(0) = 0.5, against sigmoid'(logit 0.99) = 0.0099 at scale 1
+    qsse_block(x).sum().backward()
+    steep = qsse_block.qsse.fc2.bias.grad.abs().sum()
+    flat_block, _ = _block_pair(qsse_cls, stock_cls, qsse_init_gate=0.99, **kwargs)
+    flat_block.eval()
+    flat_block.num_pairs = 2
+    flat_block(x).sum().backward()
+    ratio = steep / flat_block.qsse.fc2.bias.grad.abs().sum()
+    assert ratio == pytest.approx(0.5 / (0.99 * 0.01), rel=0.05)
+    with pytest.raises(ValueError, match="init_gate"):
+        qsse_cls(8, 16, qsse_reduction=4, qsse_init_gate=2.0, qsse_gate_scale=2.0, norm="BN",
+                 **kwargs)
+
+
 def test_init_gate_from_config_reaches_every_block():
     cfg = model_fixtures.tiny_cfg(qsse=True)
     cfg.MODEL.QEEPS.QSSE.INIT_GATE = 0.75
     backbone = build_qsse_resnet_backbone(cfg, ShapeSpec(channels=3))
     biases = [b.qsse.fc2.bias for b in backbone.qsse_blocks]
     assert biases and all(torch.allclose(b, torch.full_like(b, math.log(3.0))) for b in biases)
+    # GATE_SCALE: s = 2 * sigmoid(.), so INIT_GATE 1.5 is the same logit(0.75)
+    cfg.MODEL.QEEPS.QSSE.INIT_GATE, cfg.MODEL.QEEPS.QSSE.GATE_SCALE = 1.5, 2.0
+    backbone = build_qsse_resnet_backbone(cfg, ShapeSpec(channels=3))
+    assert all(b.qsse.gate_scale == 2.0 and torch.allclose(
+        b.qsse.fc2.bias, torch.full_like(b.qsse.fc2.bias, math.log(3.0)))
+        for b in backbone.qsse_blocks)
 
 
 def _backbones(depth, stages):

@@ -9,7 +9,9 @@ weight vector shared by both branches (Eq. 1)::
 
     s = sigmoid(W2 relu(W1 [z_q, z_g]))        W1: 2C -> 2C/r,  W2: 2C/r -> C
 
-and the block output is ``relu(X + s * U)`` for both branches (Eq. 2, X = the shortcut).
+and the block output is ``relu(X + s * U)`` for both branches (Eq. 2, X = the shortcut). With
+``MODEL.QEEPS.QSSE.GATE_SCALE`` k the gate is ``k * sigmoid(.)`` (k = 1: Eq. 1), so that a model
+fine-tuned from an OIM checkpoint can start at s = 1 where the gate still learns.
 
 Blocks subclass Detectron2's ``BottleneckBlock`` / ``BasicBlock`` and keep their parameter names
 (``conv1/conv2/conv3/shortcut``), so model-zoo ResNet weights load unchanged; the new weights live
@@ -45,22 +47,32 @@ class QuerySiameseExcitation(nn.Module):
     Args:
         channels: C, channels of the residual output U.
         reduction: r; the hidden layer has ``max(2C // r, 1)`` units.
-        init_gate: 0 keeps PyTorch's default initialisation (s about 0.5 at the start, which
-            halves every residual of a network trained without QSSE); a value in (0, 1) zeroes
-            ``fc2.weight`` and sets ``fc2.bias`` to logit(init_gate), so s starts at
-            ``init_gate`` for every input (close to 1: the network starts as the OIM model).
+        init_gate: 0 keeps PyTorch's default initialisation (s about 0.5 * gate_scale at the
+            start: with scale 1 that halves every residual of a network trained without QSSE);
+            a value in (0, gate_scale) zeroes ``fc2.weight`` and sets ``fc2.bias`` to
+            logit(init_gate / gate_scale), so s starts at ``init_gate`` for every input.
+        gate_scale: the range of s, ``s = gate_scale * sigmoid(.)``: 1 is the paper's Eq. 1;
+            2 lets a model fine-tuned from an OIM checkpoint start at s = 1 (``init_gate`` 1,
+            exactly the OIM model) at the sigmoid's steepest point, where the gates can learn,
+            instead of at a saturated s = 0.99 (slope 0.01) where they barely move.
     """
 
-    def __init__(self, channels: int, reduction: int = 16, init_gate: float = 0.0):
+    def __init__(self, channels: int, reduction: int = 16, init_gate: float = 0.0,
+                 gate_scale: float = 1.0):
         super().__init__()
         hidden = max(2 * channels // reduction, 1)
         self.fc1 = nn.Linear(2 * channels, hidden)
         self.fc2 = nn.Linear(hidden, channels)
-        if not 0.0 <= init_gate < 1.0:
-            raise ValueError(f"QSSE init_gate must be in [0, 1), got {init_gate}")
+        if gate_scale <= 0:
+            raise ValueError(f"QSSE gate_scale must be > 0, got {gate_scale}")
+        if not 0.0 <= init_gate < gate_scale:
+            raise ValueError(
+                f"QSSE init_gate must be in [0, gate_scale={gate_scale}), got {init_gate}")
+        self.gate_scale = float(gate_scale)
         if init_gate > 0:
+            p = init_gate / gate_scale
             nn.init.zeros_(self.fc2.weight)
-            nn.init.constant_(self.fc2.bias, math.log(init_gate / (1.0 - init_gate)))
+            nn.init.constant_(self.fc2.bias, math.log(p / (1.0 - p)))
 
     def forward(self, u: torch.Tensor, num_pairs: int,
                 valid_sizes: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -76,7 +88,8 @@ class QuerySiameseExcitation(nn.Module):
         """
         z = _valid_mean(u, valid_sizes)  # (2B, C)
         z_g, z_q = z[:num_pairs], z[num_pairs:]
-        s = torch.sigmoid(self.fc2(F.relu(self.fc1(torch.cat([z_q, z_g], dim=1)))))  # (B, C)
+        hidden = F.relu(self.fc1(torch.cat([z_q, z_g], dim=1)))
+        s = self.gate_scale * torch.sigmoid(self.fc2(hidden))  # (B, C)
         return s.repeat(2, 1)[:, :, None, None]
 
 
@@ -107,8 +120,8 @@ class _QSSEMixin:
     gates: Optional[torch.Tensor] = None
     row_gates: Optional[torch.Tensor] = None
 
-    def _init_qsse(self, reduction: int, init_gate: float = 0.0):
-        self.qsse = QuerySiameseExcitation(self.out_channels, reduction, init_gate)
+    def _init_qsse(self, reduction: int, init_gate: float = 0.0, gate_scale: float = 1.0):
+        self.qsse = QuerySiameseExcitation(self.out_channels, reduction, init_gate, gate_scale)
 
     def _residual(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -143,9 +156,9 @@ class QSSEBottleneckBlock(_QSSEMixin, BottleneckBlock):
     """``BottleneckBlock`` (1x1, 3x3, 1x1) with a QSSE excitation on its residual output."""
 
     def __init__(self, in_channels, out_channels, *, qsse_reduction: int = 16,
-                 qsse_init_gate: float = 0.0, **kwargs):
+                 qsse_init_gate: float = 0.0, qsse_gate_scale: float = 1.0, **kwargs):
         super().__init__(in_channels, out_channels, **kwargs)
-        self._init_qsse(qsse_reduction, qsse_init_gate)
+        self._init_qsse(qsse_reduction, qsse_init_gate, qsse_gate_scale)
 
     def _residual(self, x):
         out = F.relu_(self.conv1(x))
@@ -157,9 +170,9 @@ class QSSEBasicBlock(_QSSEMixin, BasicBlock):
     """``BasicBlock`` (3x3, 3x3; ResNet-18/34) with a QSSE excitation on its residual output."""
 
     def __init__(self, in_channels, out_channels, *, qsse_reduction: int = 16,
-                 qsse_init_gate: float = 0.0, **kwargs):
+                 qsse_init_gate: float = 0.0, qsse_gate_scale: float = 1.0, **kwargs):
         super().__init__(in_channels, out_channels, **kwargs)
-        self._init_qsse(qsse_reduction, qsse_init_gate)
+        self._init_qsse(qsse_reduction, qsse_init_gate, qsse_gate_scale)
 
     def _residual(self, x):
         return self.conv2(F.relu_(self.conv1(x)))
@@ -314,6 +327,7 @@ def build_qsse_resnet_backbone(cfg, input_shape: ShapeSpec):
     qsse_stages         = set(cfg.MODEL.QEEPS.QSSE.STAGES)
     qsse_reduction      = cfg.MODEL.QEEPS.QSSE.REDUCTION
     qsse_init_gate      = cfg.MODEL.QEEPS.QSSE.INIT_GATE
+    qsse_gate_scale     = cfg.MODEL.QEEPS.QSSE.GATE_SCALE
     # fmt: on
     if any(cfg.MODEL.RESNETS.DEFORM_ON_PER_STAGE) or cfg.MODEL.RESNETS.RES5_DILATION != 1:
         raise ValueError("QEEPS backbones support neither deformable convs nor a dilated res5")
@@ -353,6 +367,7 @@ def build_qsse_resnet_backbone(cfg, input_shape: ShapeSpec):
         if with_qsse:
             stage_kargs["qsse_reduction"] = qsse_reduction
             stage_kargs["qsse_init_gate"] = qsse_init_gate
+            stage_kargs["qsse_gate_scale"] = qsse_gate_scale
         stages.append(ResNet.make_stage(**stage_kargs))
         in_channels = out_channels
         out_channels *= 2
