@@ -60,6 +60,7 @@ import logging
 import os
 import re
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Set
+from urllib.parse import urlparse
 
 import torch
 # fvcore's own filter of missing keys that were loaded under another name (shared modules)
@@ -79,6 +80,7 @@ __all__ = [
     "describe_key_groups",
     "is_torchvision_resnet",
     "key_group",
+    "read_weights",
     "torchvision_preprocessing_mismatches",
     "trusts_pickles",
     "warn_before_unpickling",
@@ -262,6 +264,18 @@ def warn_before_unpickling(filename: str, source: str = "", log: logging.Logger 
     log.warning(f"Loading {named}: a .pkl file is a Python pickle, and loading it runs any code "
                 f"its author put in it; load .pkl weights from trusted sources only (set "
                 f"{TRUST_PICKLE_ENV}=1 to silence this warning)")
+
+
+def read_weights(filename: str) -> Mapping[str, Any]:
+    """The state dict of a weights file, read as :class:`QEEPSCheckpointer` reads it (tensors
+    only for ``.pth``, torchvision names converted, clear :class:`CheckpointError` otherwise)."""
+    checkpointer = QEEPSCheckpointer(torch.nn.Module())
+    # what DetectionCheckpointer.load sets around its own _load_file call
+    checkpointer._parsed_url_during_load = urlparse(filename)
+    try:
+        return checkpointer._load_file(checkpointer.path_manager.get_local_path(filename))["model"]
+    finally:
+        checkpointer._parsed_url_during_load = None
 
 
 class QEEPSCheckpointer(DetectionCheckpointer):

@@ -153,6 +153,16 @@ def add_qeeps_config(cfg):
     # (left/right) or height (top/bottom), then the box is clipped to the query image; in [0, 0.5)
     # so the box never empties. 0 = off; never applied at test time. The paper configs use 0.1.
     _C.DATALOADER.PAIRS.QUERY_BOX_JITTER = 0.0
+    # Negative pairs (not in the paper, whose pairs all hold the query person): images without
+    # the query's id paired with each query box per epoch; their people are all QSimNet
+    # negatives, as the wrong people of a search's shortlist are. 0 = off (the paper's pairs).
+    _C.DATALOADER.PAIRS.NEGATIVES_PER_QUERY = 0
+    # How the negatives are chosen: "random" (any image without the query's id) or "oim_table"
+    # (hard ones: drawn from the HARD_POOL x NEGATIVES_PER_QUERY images holding the ids most
+    # similar to the query's in the OIM table of MODEL.WEIGHTS, the model being fine-tuned).
+    _C.DATALOADER.PAIRS.NEGATIVES = "random"
+    # See NEGATIVES.
+    _C.DATALOADER.PAIRS.HARD_POOL = 4
 
     # Person-search evaluation.
     _C.TEST.PERSON_SEARCH = CN()

@@ -72,6 +72,47 @@ def test_galleries_per_query_sampling_is_bounded_and_deterministic_per_seed():
     assert set(_pairs(build_pair_records(_dicts(), galleries_per_query=2, seed=3))) == full
 
 
+def _negatives(records):
+    """(query image, query box, gallery image) of the records whose gallery lacks the query id."""
+    return sorted((r["query_file_name"], tuple(r["query_box"]), r["file_name"]) for r in records
+                  if all(a["person_id"] != r["query_pid"] for a in r["annotations"]))
+
+
+def test_negative_pairs_hold_no_box_of_the_query_id_and_add_to_the_positives():
+    positives = _pairs(build_pair_records(_dicts(), seed=0))
+    for seed in range(6):
+        records = build_pair_records(_dicts(), seed=seed, negatives_per_query=2)
+        negatives = _negatives(records)
+        # each of the 6 labeled query boxes gets 2 images without its id, never its own image
+        assert len(negatives) == 12 and len(records) == len(positives) + 12
+        assert all(q != g for q, _, g in negatives)
+        assert [p for p in _pairs(records) if p[:3] not in negatives] == positives
+        assert _pairs(records) == _pairs(build_pair_records(_dicts(), seed=seed,
+                                                            negatives_per_query=2))
+    # id 0 (in A, B, C) queried from A: the only images without it are D and E
+    assert [n for n in negatives if n[:2] == ("A", (0, 0, 10, 20))] == [
+        ("A", (0, 0, 10, 20), "D"), ("A", (0, 0, 10, 20), "E")]
+    # 0 negatives: exactly the paper's pairs, the draws of galleries_per_query unchanged
+    assert _pairs(build_pair_records(_dicts(), 1, seed=5, negatives_per_query=0)) == _pairs(
+        build_pair_records(_dicts(), 1, seed=5))
+
+
+def test_hard_negative_pairs_come_from_images_holding_the_most_similar_ids():
+    # ids 0, 1, 2: 1 looks like 0, 2 does not; unlabeled people never make an image hard
+    sim = np.array([[1.0, 0.9, 0.1], [0.9, 1.0, 0.2], [0.1, 0.2, 1.0]])
+    records = build_pair_records(_dicts(), negatives_per_query=1, pid_similarity=sim,
+                                 hard_pool=1)
+    hard = {(q, b): g for q, b, g in _negatives(records)}
+    # the query of id 2 (D): every other image holds 0 or 1; A and C hold id 1 (0.2), B only 0
+    assert hard[("D", (3, 3, 13, 23))] in ("A", "C")
+    # id 1 queried from A: images without id 1 are B (id 0: 0.9), D (id 2: 0.2), E (nobody)
+    assert hard[("A", (20, 0, 30, 20))] == "B"
+    # id 0: D (0.1) is harder than E, whose only person is unlabeled
+    assert hard[("A", (0, 0, 10, 20))] == "D"
+    with pytest.raises(ValueError, match="pid_similarity"):
+        build_pair_records(_dicts(), negatives_per_query=1, pid_similarity=sim[:2, :2])
+
+
 # ------------------------------------------------------------------ mapper, pair path
 GALLERY_HW, QUERY_HW = (120, 150), (100, 200)
 # tiny configs: short side 64, long side <= 96 -> gallery 64 x 80, query 48 x 96

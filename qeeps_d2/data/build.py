@@ -59,12 +59,38 @@ def build_train_records(cfg) -> List[Dict]:
     cache = _records_of(cfg)
     if "train" not in cache:
         images = train_image_records(cfg)
+        pairs = cfg.DATALOADER.PAIRS
         cache["train"] = (
-            build_pair_records(images, cfg.DATALOADER.PAIRS.GALLERIES_PER_QUERY,
-                               seed=cfg.SEED if cfg.SEED >= 0 else 0)
+            build_pair_records(images, pairs.GALLERIES_PER_QUERY,
+                               seed=cfg.SEED if cfg.SEED >= 0 else 0,
+                               negatives_per_query=pairs.NEGATIVES_PER_QUERY,
+                               pid_similarity=_negative_pair_similarity(cfg),
+                               hard_pool=pairs.HARD_POOL)
             if is_query_guided(cfg) else images
         )
     return cache["train"]
+
+
+def _negative_pair_similarity(cfg) -> Optional[np.ndarray]:
+    """(P, P) cosine similarity of the OIM table rows of ``MODEL.WEIGHTS`` when the config
+    mines hard negative pairs from it (``DATALOADER.PAIRS.NEGATIVES "oim_table"``), else None."""
+    pairs = cfg.DATALOADER.PAIRS
+    if pairs.NEGATIVES not in ("random", "oim_table"):
+        raise ValueError(f'DATALOADER.PAIRS.NEGATIVES must be "random" or "oim_table", '
+                         f"got {pairs.NEGATIVES!r}")
+    if pairs.NEGATIVES_PER_QUERY <= 0 or pairs.NEGATIVES == "random":
+        return None
+    from ..checkpoint import read_weights
+
+    key = "roi_heads.oim_loss.lut"
+    table = read_weights(cfg.MODEL.WEIGHTS).get(key)
+    if table is None:
+        raise ValueError(f'DATALOADER.PAIRS.NEGATIVES "oim_table" needs an OIM table ({key}) in '
+                         f"MODEL.WEIGHTS ({cfg.MODEL.WEIGHTS}): fine-tune from a trained model")
+    table = np.asarray(table, dtype=np.float64)
+    table /= np.maximum(np.linalg.norm(table, axis=1, keepdims=True), 1e-12)
+    logger.info("Hard negative pairs mined from the OIM table of %s", cfg.MODEL.WEIGHTS)
+    return table @ table.T
 
 
 def load_test_protocol(cfg, dataset_name: str):
