@@ -38,22 +38,11 @@ def build_pair_records(
     """
     rng = np.random.RandomState(seed)
     images_of = defaultdict(list)  # pid -> indices of images holding it (each image once)
-    pids_in = []  # image index -> the labeled ids it holds
     for i, d in enumerate(dataset_dicts):
-        pids = sorted({a["person_id"] for a in d.get("annotations", []) if a["person_id"] >= 0})
-        pids_in.append(np.asarray(pids, dtype=np.int64))
-        for pid in pids:
+        for pid in sorted({a["person_id"] for a in d.get("annotations", []) if a["person_id"] >= 0}):
             images_of[pid].append(i)
-    hardness = None
-    if negatives_per_query > 0 and pid_similarity is not None:
-        sim = np.asarray(pid_similarity, dtype=np.float64)
-        top = max(max(images_of, default=-1), 0)
-        if sim.ndim != 2 or sim.shape[0] != sim.shape[1] or sim.shape[0] <= top:
-            raise ValueError(f"pid_similarity must be (P, P) with P > {top} (the largest person "
-                             f"id), got shape {sim.shape}")
-        # (P, num_images): similarity of each id to the most similar id an image holds
-        hardness = np.stack([sim[:, p].max(axis=1) if len(p) else np.full(len(sim), -np.inf)
-                             for p in pids_in], axis=1)
+    negatives_of = _NegativeImages(images_of, len(dataset_dicts), negatives_per_query,
+                                   pid_similarity, hard_pool)
     records = []
     for q_idx, q in enumerate(dataset_dicts):
         for ann in q.get("annotations", []):
@@ -63,9 +52,7 @@ def build_pair_records(
             galleries = [g for g in images_of[pid] if g != q_idx]
             if galleries_per_query > 0 and len(galleries) > galleries_per_query:
                 galleries = sorted(rng.choice(galleries, galleries_per_query, replace=False))
-            negatives = _negative_images(pid, q_idx, images_of, len(dataset_dicts),
-                                         negatives_per_query, hardness, hard_pool, rng)
-            for g in list(galleries) + negatives:
+            for g in list(galleries) + negatives_of(pid, rng):
                 record = dict(dataset_dicts[g])
                 record.update(
                     query_file_name=q["file_name"],
@@ -82,16 +69,46 @@ def build_pair_records(
     return records
 
 
-def _negative_images(pid: int, q_idx: int, images_of, num_images: int, k: int,
-                     hardness: Optional[np.ndarray], hard_pool: int, rng) -> List[int]:
-    """Up to k indices of images that hold no box of ``pid`` (nor are the query's own image)."""
-    if k <= 0:
-        return []
-    excluded = set(images_of[pid]) | {q_idx}
-    candidates = np.asarray([i for i in range(num_images) if i not in excluded], dtype=np.int64)
-    if hardness is not None and len(candidates):
-        order = np.argsort(-hardness[pid, candidates], kind="stable")
-        candidates = candidates[order[: hard_pool * k]]
-    if len(candidates) <= k:
-        return sorted(candidates.tolist())
-    return sorted(rng.choice(candidates, k, replace=False).tolist())
+class _NegativeImages:
+    """``negatives(pid, rng)``: the indices (sorted) of up to k images that hold no box of id
+    ``pid`` (so neither the query's own image), drawn with ``rng``: from all such images, or
+    from the ``hard_pool * k`` whose most similar id is most similar to ``pid``."""
+
+    def __init__(self, images_of: Dict[int, List[int]], num_images: int, k: int,
+                 pid_similarity: Optional[np.ndarray], hard_pool: int):
+        self.images_of, self.num_images, self.k = images_of, num_images, k
+        self.sim = None
+        self.pools: Dict[int, np.ndarray] = {}  # pid -> its hard pool (hard mode)
+        if k <= 0 or pid_similarity is None:
+            return
+        self.sim = np.asarray(pid_similarity, dtype=np.float64)
+        top = max(max(images_of, default=-1), 0)
+        if self.sim.ndim != 2 or self.sim.shape[0] != self.sim.shape[1] or len(self.sim) <= top:
+            raise ValueError(f"pid_similarity must be (P, P) with P > {top} (the largest person "
+                             f"id), got shape {self.sim.shape}")
+        # one (image, id) entry per image holding a labeled id
+        pairs = [(i, pid) for pid, images in images_of.items() for i in images]
+        self.entry_image = np.asarray([i for i, _ in pairs], dtype=np.int64)
+        self.entry_pid = np.asarray([p for _, p in pairs], dtype=np.int64)
+        self.pool_size = hard_pool * k
+
+    def _candidates(self, pid: int) -> np.ndarray:
+        without = np.ones(self.num_images, dtype=bool)
+        without[self.images_of[pid]] = False
+        candidates = np.flatnonzero(without)
+        if self.sim is None:
+            return candidates
+        if pid not in self.pools:
+            hardness = np.full(self.num_images, -np.inf)  # similarity of its most similar id
+            np.maximum.at(hardness, self.entry_image, self.sim[pid, self.entry_pid])
+            order = np.argsort(-hardness[candidates], kind="stable")
+            self.pools[pid] = candidates[order[: self.pool_size]]
+        return self.pools[pid]
+
+    def __call__(self, pid: int, rng) -> List[int]:
+        if self.k <= 0:
+            return []
+        candidates = self._candidates(pid)
+        if len(candidates) <= self.k:
+            return sorted(candidates.tolist())
+        return sorted(rng.choice(candidates, self.k, replace=False).tolist())
