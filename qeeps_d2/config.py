@@ -161,7 +161,8 @@ def add_qeeps_config(cfg):
     # (hard ones: drawn from the HARD_POOL x NEGATIVES_PER_QUERY images holding the ids most
     # similar to the query's in the OIM table of MODEL.WEIGHTS, the model being fine-tuned).
     _C.DATALOADER.PAIRS.NEGATIVES = "random"
-    # See NEGATIVES.
+    # "oim_table" negatives are drawn from the HARD_POOL x NEGATIVES_PER_QUERY hardest images
+    # (>= 1; 1 = always the hardest ones).
     _C.DATALOADER.PAIRS.HARD_POOL = 4
 
     # Person-search evaluation.

@@ -111,6 +111,8 @@ def test_hard_negative_pairs_come_from_images_holding_the_most_similar_ids():
     assert hard[("A", (0, 0, 10, 20))] == "D"
     with pytest.raises(ValueError, match="pid_similarity"):
         build_pair_records(_dicts(), negatives_per_query=1, pid_similarity=sim[:2, :2])
+    with pytest.raises(ValueError, match="hard_pool"):
+        build_pair_records(_dicts(), negatives_per_query=1, pid_similarity=sim, hard_pool=0)
 
 
 # ------------------------------------------------------------------ mapper, pair path

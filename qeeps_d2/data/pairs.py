@@ -81,6 +81,8 @@ class _NegativeImages:
         self.pools: Dict[int, np.ndarray] = {}  # pid -> its hard pool (hard mode)
         if k <= 0 or pid_similarity is None:
             return
+        if hard_pool < 1:
+            raise ValueError(f"hard_pool must be >= 1, got {hard_pool}")
         self.sim = np.asarray(pid_similarity, dtype=np.float64)
         top = max(max(images_of, default=-1), 0)
         if self.sim.ndim != 2 or self.sim.shape[0] != self.sim.shape[1] or len(self.sim) <= top:
