@@ -42,6 +42,8 @@ import time
 
 import numpy as np
 
+from qeeps_d2.utils.json_files import write_json_file
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_WEIGHTS = "/work/runs/s15_after/oim/model_final.pth"
 
@@ -387,9 +389,7 @@ def main(argv=None) -> int:
     print(f"load average {report['load_average_start']} -> {report['load_average_end']} "
           f"({report['cpus']} CPUs, torch {report['torch_threads']} / faiss "
           f"{report['faiss_threads']} threads)")
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump(report, f, indent=1)
+    write_json_file(args.json, report)
     print(f"JSON in {args.json}")
     return 0
 

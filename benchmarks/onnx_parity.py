@@ -27,13 +27,14 @@ onnxruntime ``embed_frames`` including its resize)::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
 import time
 
 import numpy as np
+
+from qeeps_d2.utils.json_files import write_json_file
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -196,9 +197,7 @@ def main(argv=None) -> int:
     print(f"load average (1, 5, 15 min) at the start {report['load_average_start']}, at the end "
           f"{report['load_average_end']} on {os.cpu_count()} CPUs")
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
+        write_json_file(args.json, report)
         print(f"wrote {args.json}")
     return 0
 

@@ -51,6 +51,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from qeeps_d2.engine import setup_cfg  # noqa: E402
+from qeeps_d2.utils.json_files import write_json_file  # noqa: E402
 
 # name -> (config, (height, width) of the network input, extra overrides)
 SIZES = {
@@ -356,9 +357,7 @@ def main(argv=None):
         rows.append(bench_size(size, args))
         print(json.dumps(rows[-1]), flush=True)
     print(format_table(info, rows, args))
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump({"info": info, "rows": rows, "args": vars(args)}, f, indent=1)
+    write_json_file(args.out, {"info": info, "rows": rows, "args": vars(args)})
     return 0
 
 

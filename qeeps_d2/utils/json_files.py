@@ -1,5 +1,6 @@
 """Reading the project's JSON files (``.json``, or gzip-compressed ``.json.gz``) with one-line
-errors that name the file: results files, custom data set files. Standard library only."""
+errors that name the file: results files, custom data set files; and writing a report (the
+benchmarks' JSON). Standard library only."""
 from __future__ import annotations
 
 import gzip
@@ -7,7 +8,9 @@ import json
 import os
 from typing import Any
 
-__all__ = ["JSON_SUFFIXES", "load_json_file"]
+from .atomic_write import write_atomically
+
+__all__ = ["JSON_SUFFIXES", "load_json_file", "write_json_file"]
 
 JSON_SUFFIXES = (".json", ".json.gz")
 
@@ -33,3 +36,10 @@ def load_json_file(path: str, what: str) -> Any:
             return json.load(f)
     except (OSError, EOFError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: not a readable JSON {what} ({e})") from None
+
+
+def write_json_file(path: str, content: Any) -> None:
+    """Write ``content`` as indented JSON to ``path``, creating its folder; atomically (a run
+    killed mid-write leaves the previous file, or none)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    write_atomically(path, lambda f: json.dump(content, f, indent=1), mode="w")
