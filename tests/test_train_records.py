@@ -74,5 +74,9 @@ def test_hard_negative_pairs_are_mined_from_the_oim_table_of_the_weights(tmp_pat
         cfg.DATALOADER.PAIRS.NEGATIVES = "hardest"
         with pytest.raises(ValueError, match='"random" or "oim_table"'):
             build.build_train_records(cfg)
+        cfg = _negatives_cfg(tmp_path, table)
+        cfg.DATALOADER.PAIRS.NEGATIVES_PER_QUERY = -1
+        with pytest.raises(ValueError, match="NEGATIVES_PER_QUERY must be >= 0"):
+            build.build_train_records(cfg)
     finally:
         DatasetCatalog.remove(NAME)

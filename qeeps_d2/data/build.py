@@ -78,7 +78,10 @@ def _negative_pair_similarity(cfg) -> Optional[np.ndarray]:
     if pairs.NEGATIVES not in ("random", "oim_table"):
         raise ValueError(f'DATALOADER.PAIRS.NEGATIVES must be "random" or "oim_table", '
                          f"got {pairs.NEGATIVES!r}")
-    if pairs.NEGATIVES_PER_QUERY <= 0 or pairs.NEGATIVES == "random":
+    if pairs.NEGATIVES_PER_QUERY < 0:
+        raise ValueError(f"DATALOADER.PAIRS.NEGATIVES_PER_QUERY must be >= 0 (0 = off), got "
+                         f"{pairs.NEGATIVES_PER_QUERY}")
+    if pairs.NEGATIVES_PER_QUERY == 0 or pairs.NEGATIVES == "random":
         return None
     from ..checkpoint import read_weights
 
