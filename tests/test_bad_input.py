@@ -65,6 +65,8 @@ TRAIN_NET_CASES = {
                           "DATASETS.TRAIN: unknown data set 'cuhk_sysu_trian'"),
     "unknown-test-set": (None, ["DATASETS.TEST", "('prw_tset',)"],
                          "DATASETS.TEST: unknown data set 'prw_tset'"),
+    "eval-only-no-test-set": (None, ["--eval-only", "DATASETS.TEST", "()"],
+                              "--eval-only with an empty DATASETS.TEST evaluates nothing"),
     "wrong-mat-layout": (None, [], "Images.mat: expected a variable named 'Img'"),
     "missing-data-set": (None, [], "{tmp}/nowhere/CUHK-SYSU"),
 }

@@ -59,7 +59,11 @@ def _check_config(config_file: str, opts: Sequence[str]):
 
 def _check_dataset_names(cfg, eval_only: bool) -> None:
     """Every name of DATASETS.TRAIN (unless ``eval_only``) and DATASETS.TEST must be a
-    registered person-search data set (built in, or a file of DATASETS.PERSON_SEARCH_FILES)."""
+    registered person-search data set (built in, or a file of DATASETS.PERSON_SEARCH_FILES);
+    with ``eval_only`` DATASETS.TEST must name at least one (else nothing would be evaluated)."""
+    if eval_only and not cfg.DATASETS.TEST:
+        raise ValueError("--eval-only with an empty DATASETS.TEST evaluates nothing: name the test "
+                         "sets, e.g. DATASETS.TEST '(\"synthps_test\",)'")
     keys = (("DATASETS.TEST", cfg.DATASETS.TEST),) if eval_only else (
         ("DATASETS.TRAIN", cfg.DATASETS.TRAIN), ("DATASETS.TEST", cfg.DATASETS.TEST))
     for key, names in keys:
@@ -119,7 +123,7 @@ def check_train_net_inputs(config_file: str, opts: Sequence[str], eval_only: boo
             file.
         ValueError: a config that does not parse or has unknown keys or wrong value types,
             an override of an unknown key, a malformed custom data set file, an unknown data
-            set name, an annotation file of the wrong layout (each message names the file or
+            set name, no test set with ``eval_only``, an annotation file of the wrong layout (each message names the file or
             key).
         qeeps_d2.checkpoint.CheckpointError: weights that cannot be read, that fit no backbone
             weight of the model, or, with ``eval_only``, that miss or add any key the model
