@@ -106,6 +106,27 @@ def add_qeeps_config(cfg):
     # DET_THRESH only after the NMS, so a poorly detected box very similar to the query can
     # suppress the target and then be dropped itself.
     _C.MODEL.QEEPS.QSIMNET.MIN_DET_SCORE = -1.0
+    # Local similarity (qeeps_d2/modeling/local_similarity.py): QSimNet rows score each gallery
+    # box by matching the query's identity-path cells (the map before res5) to the box's, plus
+    # a learned share of the global cosine; fitted at the end of training on the labeled
+    # training boxes. Needs QSIMNET.ENABLED and ID_POOLER with OWN_STAGES. Until it is fitted
+    # (or when off), QSimNet's probability scores the pairs.
+    _C.MODEL.QEEPS.QSIMNET.LOCAL = CN()
+    _C.MODEL.QEEPS.QSIMNET.LOCAL.ENABLED = False
+    # Projected cell dimension d.
+    _C.MODEL.QEEPS.QSIMNET.LOCAL.DIM = 64
+    # Fitting: iterations and anchors per iteration (Adam, lr LR), each anchor box against one
+    # box of its identity, HARD_NEGATIVES of the HARD_POOL other-identity boxes nearest by
+    # global cosine and RANDOM_NEGATIVES others (softmax loss).
+    _C.MODEL.QEEPS.QSIMNET.LOCAL.FIT_ITERS = 250
+    _C.MODEL.QEEPS.QSIMNET.LOCAL.FIT_BATCH = 128
+    _C.MODEL.QEEPS.QSIMNET.LOCAL.HARD_NEGATIVES = 8
+    _C.MODEL.QEEPS.QSIMNET.LOCAL.RANDOM_NEGATIVES = 8
+    _C.MODEL.QEEPS.QSIMNET.LOCAL.HARD_POOL = 20
+    _C.MODEL.QEEPS.QSIMNET.LOCAL.LR = 0.003
+    # Fit on the identity-pretraining set's labeled boxes too (PRETRAIN; identities disjoint from
+    # train and test), when that set is on disk: more identities, a head that generalises better.
+    _C.MODEL.QEEPS.QSIMNET.LOCAL.PRETRAIN_IDS = True
 
     # OIM loss (lookup table of labeled identities + circular queue of unlabeled features).
     _C.MODEL.QEEPS.OIM = CN()

@@ -31,6 +31,7 @@ TINY = [
     "SOLVER.STEPS", "()", "SOLVER.WARMUP_ITERS", "0",
     "DATALOADER.NUM_WORKERS", "0",
     "TEST.PERSON_SEARCH.MAX_QUERIES", "2", "TEST.PERSON_SEARCH.BATCH_SIZE", "2",
+    "MODEL.QEEPS.QSIMNET.LOCAL.FIT_ITERS", "3", "MODEL.QEEPS.QSIMNET.LOCAL.FIT_BATCH", "8",
 ]
 
 
@@ -77,7 +78,12 @@ def test_leaf_trains_one_step_and_evaluates(config, datasets_root, tmp_path, mon
         expected.add("loss_sim")
     assert expected <= set(losses), sorted(losses)
 
-    assert os.path.isfile(os.path.join(str(tmp_path), "model_final.pth"))
+    final = os.path.join(str(tmp_path), "model_final.pth")
+    assert os.path.isfile(final)
+    if q.QSIMNET.LOCAL.ENABLED:  # fitted after the last step, before the final checkpoint
+        saved = torch.load(final, map_location="cpu", weights_only=False)["model"]
+        assert int(saved["roi_heads.local_sim.fitted_flag"]) == 1
+        assert trainer.model.roi_heads.local_sim.fitted
     search = results["person_search"]
     assert 1 <= search["num_queries"] <= 2
     for key in ("mAP", "top1", "top5", "top10"):

@@ -12,6 +12,7 @@ from detectron2.config import get_cfg
 from detectron2.engine import DefaultTrainer, default_setup
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 from qeeps_d2.checkpoint import QEEPSCheckpointer
 from qeeps_d2.config import add_qeeps_config, cascade_topk, resolve_epoch_schedule
@@ -26,6 +27,7 @@ from qeeps_d2.data.datasets.catalog import num_pids
 from qeeps_d2.data.mapper import PersonSearchMapper
 from qeeps_d2.data.samplers import ResumableTrainLoader
 from qeeps_d2.engine.hooks import NonFiniteLossCheck, OIMTableInit
+from qeeps_d2.engine.local_similarity_fit import LocalSimilarityFit
 from qeeps_d2.engine.rng_state import get_rng_state, set_rng_state
 from qeeps_d2.engine.run_state import metric_history, resolve_run_seed, restore_metric_history
 from qeeps_d2.evaluation.build import build_person_search_evaluator
@@ -38,8 +40,10 @@ logger = logging.getLogger(__name__)
 
 
 # Parameters that only a query-guided model has (QSSE excitations, the QRPN's query excitation
-# and objectness head, QSimNet): the "new layers" of a QEEPS model fine-tuned from OIM.
-_QUERY_GUIDANCE = re.compile(r"(^|\.)qsse\.|^proposal_generator\.query_|^roi_heads\.qsimnet\.")
+# and objectness head, QSimNet and its local head): the "new layers" of a QEEPS model fine-tuned
+# from OIM.
+_QUERY_GUIDANCE = re.compile(
+    r"(^|\.)qsse\.|^proposal_generator\.query_|^roi_heads\.qsimnet\.|^roi_heads\.local_sim\.")
 
 
 def is_trunk_parameter(name: str, detection_only: Sequence[str] = ()) -> bool:
@@ -144,6 +148,9 @@ class Trainer(DefaultTrainer):
         if lut_init == "weights":
             hooks.append(OIMTableInit(train_image_records(self.cfg),
                                       PersonSearchMapper(self.cfg, is_train=False)))
+        if self.cfg.MODEL.QEEPS.QSIMNET.LOCAL.ENABLED:  # before the checkpointer and evaluation
+            hooks.append(LocalSimilarityFit(self.cfg, train_image_records(self.cfg),
+                                            PersonSearchMapper(self.cfg, is_train=False)))
         return hooks + super().build_hooks()
 
     def state_dict(self):
@@ -254,6 +261,10 @@ def setup_cfg(config_file: str, opts=(), args=None, resolve_schedule: bool = Tru
     add_qeeps_config(cfg)
     cfg.merge_from_file(config_file)
     cfg.merge_from_list(list(opts))
+    if args is not None:  # this package's log lines on the console and in OUTPUT_DIR/log.txt,
+        # as Detectron2's default_setup does for its own loggers
+        setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="qeeps_d2",
+                     abbrev_name="qeeps").propagate = True  # still seen by handlers above
     _command_line_iterations_win(cfg, list(opts))
     register_person_search_files(cfg.DATASETS.PERSON_SEARCH_FILES)
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():

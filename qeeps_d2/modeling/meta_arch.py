@@ -204,12 +204,13 @@ class QEEPS(GeneralizedRCNN):
         images, features, query_feats, query_boxes = self._siamese_features(
             batched_inputs, share_queries=not self.qsse
         )
-        query_embeds = self.roi_heads.embed_boxes(query_feats, query_boxes)
+        query_embeds, query_cells = self.roi_heads.describe_boxes(query_feats, query_boxes)
         proposals, _, plain = self.proposal_generator(
             images, features, None, query_features=query_feats, query_boxes=query_boxes,
             return_plain=True,
         )
-        results, _ = self.roi_heads(images, features, proposals, None, query_embeds=query_embeds)
+        results, _ = self.roi_heads(images, features, proposals, None, query_embeds=query_embeds,
+                                    query_cells=query_cells)
         if not do_postprocess:
             return [{"instances": r} for r in results]
         outputs = self._postprocess(results, batched_inputs, images.image_sizes)
@@ -223,18 +224,19 @@ class QEEPS(GeneralizedRCNN):
             images, features, query_feats, query_boxes = self._siamese_features(
                 batched_inputs, share_queries=not self.qsse
             )
-            query_embeds = self.roi_heads.embed_boxes(query_feats, query_boxes)
+            query_embeds, query_cells = self.roi_heads.describe_boxes(query_feats, query_boxes)
         else:
             images = self.preprocess_image(batched_inputs)
             features = self.backbone(images.tensor)
-            query_embeds = None
+            query_embeds = query_cells = None
         proposals = []
         for x, size in zip(batched_inputs, images.image_sizes):
             p = Instances(size)
             p.proposal_boxes = Boxes(torch.as_tensor(
                 x["given_boxes"], dtype=torch.float32, device=self.device).reshape(-1, 4))
             proposals.append(p)
-        results = self.roi_heads.forward_given_boxes(features, proposals, query_embeds)
+        results = self.roi_heads.forward_given_boxes(features, proposals, query_embeds,
+                                                     query_cells)
         if not do_postprocess:
             return [{"instances": r} for r in results]
         outputs = []

@@ -33,6 +33,7 @@ from detectron2.modeling.poolers import ROIPooler
 from detectron2.modeling.roi_heads import Res5ROIHeads
 from detectron2.structures import Boxes, Instances
 
+from .local_similarity import LocalSimilarity
 from .oim import OIMLoss
 from .qsimnet import QSimNet
 
@@ -119,6 +120,7 @@ class QEEPSROIHeads(Res5ROIHeads):
         reid_head: nn.Module,
         oim_loss: nn.Module,
         qsimnet: Optional[nn.Module] = None,
+        local_sim: Optional[nn.Module] = None,
         min_det_score: float = 0.01,
         trunk_grad_scale: float = 1.0,
         sim_on_people: bool = False,
@@ -148,6 +150,7 @@ class QEEPSROIHeads(Res5ROIHeads):
         self.reid_head = reid_head
         self.oim_loss = oim_loss
         self.qsimnet = qsimnet
+        self.local_sim = local_sim
         self.min_det_score = min_det_score
         self.trunk_grad_scale = trunk_grad_scale
         self.sim_on_people = sim_on_people
@@ -172,6 +175,7 @@ class QEEPSROIHeads(Res5ROIHeads):
                 momentum=q.OIM.MOMENTUM,
             ),
             qsimnet=QSimNet(q.EMBED_DIM, q.QSIMNET.INIT) if q.QSIMNET.ENABLED else None,
+            local_sim=_local_sim_from_config(cfg),
             min_det_score=(cfg.TEST.PERSON_SEARCH.DET_THRESH if q.QSIMNET.MIN_DET_SCORE < 0
                            else q.QSIMNET.MIN_DET_SCORE),
             trunk_grad_scale=q.OIM.TRUNK_GRAD_SCALE,
@@ -212,32 +216,39 @@ class QEEPSROIHeads(Res5ROIHeads):
                   else self._trunk[0].stages_after(self.id_in_feature))
         return list(stages.values()) + [self.res5]
 
-    def identity_features(self, x: torch.Tensor, image_index: Optional[torch.Tensor] = None
-                          ) -> torch.Tensor:
+    def identity_features(self, x: torch.Tensor, image_index: Optional[torch.Tensor] = None,
+                          return_map: bool = False):
         """(R, C, h, w) boxes at ``id_in_feature`` (ROI-pooled, or crops run up to that stage)
         -> (R, C5): the later stages (MODEL.QEEPS.ID_POOLER), res5, mean over space.
-        ``image_index`` (R,): the image of each row, for the QSSE gates of a paired forward."""
+        ``image_index`` (R,): the image of each row, for the QSSE gates of a paired forward.
+        ``return_map``: also return the (R, C4, h4, w4) map res5 starts from (the cells of
+        MODEL.QEEPS.QSIMNET.LOCAL)."""
         if not self._trunk:
             raise RuntimeError("MODEL.QEEPS.ID_POOLER needs the backbone: call attach_trunk()")
         stages = None if self.id_trunk is None else list(self.id_trunk.values())
         x = self._trunk[0].forward_from(x, self.id_in_feature, image_index, stages)
-        return self.res5(x).mean(dim=(2, 3))
+        pooled = self.res5(x).mean(dim=(2, 3))
+        return (pooled, x) if return_map else pooled
 
     def _pooled_res5(self, res5: nn.Module, features: Dict[str, torch.Tensor],
                      boxes: List[Boxes]) -> torch.Tensor:
         """(sum of boxes, C5): ``res5`` on the ROI-pooled boxes, averaged over space."""
         return res5(self.pooler([features[f] for f in self.in_features], boxes)).mean(dim=(2, 3))
 
-    def box_features(self, features: Dict[str, torch.Tensor], boxes: List[Boxes]) -> torch.Tensor:
+    def box_features(self, features: Dict[str, torch.Tensor], boxes: List[Boxes],
+                     return_map: bool = False):
         """(sum of boxes, C5): the identity path's features: ``res5`` on the boxes pooled as the
         detector pools them or, with MODEL.QEEPS.ID_POOLER, pooled from ``id_in_feature`` and
-        continued through the later backbone stages first."""
+        continued through the later backbone stages first. ``return_map`` (ID_POOLER only):
+        also the map before res5, see :meth:`identity_features`."""
         if self.id_pooler is None:
+            if return_map:
+                raise ValueError("cell maps need MODEL.QEEPS.ID_POOLER")
             return self._pooled_res5(self.res5, features, boxes)
         x = self.id_pooler([features[self.id_in_feature]], boxes)
         counts = torch.as_tensor([len(b) for b in boxes], device=x.device)
         image_index = torch.repeat_interleave(torch.arange(len(boxes), device=x.device), counts)
-        return self.identity_features(x, image_index)
+        return self.identity_features(x, image_index, return_map)
 
     def det_box_features(self, features: Dict[str, torch.Tensor], boxes: List[Boxes]
                          ) -> torch.Tensor:
@@ -285,11 +296,43 @@ class QEEPSROIHeads(Res5ROIHeads):
         with self._running_statistics():
             return self.embed(self.box_features(features, boxes))
 
+    def describe_boxes(self, features: Dict[str, torch.Tensor], boxes: List[Boxes]):
+        """As :meth:`embed_boxes`, plus each box's cells for MODEL.QEEPS.QSIMNET.LOCAL:
+        (sum of boxes, D) embeddings and (sum of boxes, P, d) cell descriptors, or None
+        without the local head."""
+        if self.local_sim is None or not self.local_sim.fitted:
+            return self.embed_boxes(features, boxes), None
+        with self._running_statistics():
+            pooled, maps = self.box_features(features, boxes, return_map=True)
+            return self.embed(pooled), self.local_sim.cells(maps)
+
+    def query_similarity(self, query_embeds: torch.Tensor, embeds: torch.Tensor,
+                         query_cells: Optional[torch.Tensor] = None,
+                         cells: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(M,) similarity of M boxes (``embeds`` (M, D), ``cells`` (M, P, d)) to one query
+        (``query_embeds`` (1, D), ``query_cells`` (1, P, d)): the local head's when it is
+        fitted and given cells, else QSimNet's probability, else the cosine."""
+        if self.local_sim is not None and query_cells is not None and cells is not None:
+            return self.local_sim(query_cells, cells, query_embeds, embeds)
+        if self.qsimnet is not None:
+            return self.qsimnet.similarity(query_embeds, embeds)
+        return embeds @ query_embeds[0]
+
+    def _describe_per_image(self, features: Dict[str, torch.Tensor], boxes: List[Boxes]):
+        """Embeddings and (with the local head) cells of given boxes per image: two lists of
+        (M_i, D) and (M_i, P, d) (None entries without the local head)."""
+        num = [len(b) for b in boxes]
+        if self.local_sim is None or not sum(num):
+            return self._embed_per_image(features, boxes), [None] * len(num)
+        pooled, maps = self.box_features(features, boxes, return_map=True)
+        return list(self.embed(pooled).split(num)), list(self.local_sim.cells(maps).split(num))
+
     def forward_given_boxes(
         self,
         features: Dict[str, torch.Tensor],
         proposals: List[Instances],
         query_embeds: Optional[torch.Tensor] = None,
+        query_cells: Optional[torch.Tensor] = None,
     ) -> List[Instances]:
         """Inference on given boxes (evaluation with ground-truth boxes): each box is a
         detection as it is; no box regression, no NMS, no score threshold.
@@ -298,6 +341,7 @@ class QEEPSROIHeads(Res5ROIHeads):
             features: backbone features of B images.
             proposals: B ``Instances`` with ``proposal_boxes`` (M_i, 4) XYXY in image pixels.
             query_embeds: (B, D) embedding of each image's query (pair mode), or None.
+            query_cells: (B, P, d) cells of each image's query for the local head, or None.
         Returns:
             B ``Instances`` (the proposals' image sizes), one row per given box in order:
             ``pred_boxes`` (the box), ``scores`` (ClsNet person probability), ``pred_classes``
@@ -306,26 +350,29 @@ class QEEPSROIHeads(Res5ROIHeads):
         """
         num = [len(p) for p in proposals]
         boxes = [p.proposal_boxes for p in proposals]
+        cells = [None] * len(num)
         if sum(num):
             feats = self.det_box_features(features, boxes)
             probs = self.box_predictor.predict_probs(self.box_predictor(feats), proposals)
-            embeds = (self._embed_per_image(features, boxes) if self.separate_det_head
-                      else self.embed(feats).split(num))
+            if query_cells is not None:
+                embeds, cells = self._describe_per_image(features, boxes)
+            else:
+                embeds = (self._embed_per_image(features, boxes) if self.separate_det_head
+                          else self.embed(feats).split(num))
         else:  # no box at all: nothing to pool
             device = next(iter(features.values())).device
             probs = [torch.zeros(0, self.num_classes + 1, device=device)] * len(num)
             embeds = self._embed_per_image(features, boxes)
         results = []
-        for i, (p, prob, emb) in enumerate(zip(proposals, probs, embeds)):
+        for i, (p, prob, emb, cel) in enumerate(zip(proposals, probs, embeds, cells)):
             res = Instances(p.image_size)
             res.pred_boxes = p.proposal_boxes.clone()
             res.scores = prob[:, 0]
             res.pred_classes = torch.zeros(len(p), dtype=torch.int64, device=emb.device)
             res.pred_embeds = emb
             if query_embeds is not None:
-                q = query_embeds[i : i + 1]
-                res.pred_sims = (self.qsimnet.similarity(q, emb) if self.qsimnet is not None
-                                 else emb @ q[0])
+                qc = None if query_cells is None else query_cells[i : i + 1]
+                res.pred_sims = self.query_similarity(query_embeds[i : i + 1], emb, qc, cel)
             results.append(res)
         return results
 
@@ -336,11 +383,14 @@ class QEEPSROIHeads(Res5ROIHeads):
         proposals: List[Instances],
         targets: Optional[List[Instances]] = None,
         query_embeds: Optional[torch.Tensor] = None,
+        query_cells: Optional[torch.Tensor] = None,
     ):
         """
         Args:
             images, features, proposals, targets: as for ``Res5ROIHeads`` (B gallery images).
             query_embeds: (B, D) embedding of each image's query (pair mode), or None.
+            query_cells: (B, P, d) cells of each image's query for the local head (inference
+                with a fitted MODEL.QEEPS.QSIMNET.LOCAL head), or None.
         Returns:
             training: ([], losses) with loss_cls, loss_box_reg, loss_oim (+ loss_sim).
             inference: (list of B Instances with pred_boxes, scores, pred_classes, pred_embeds
@@ -357,7 +407,8 @@ class QEEPSROIHeads(Res5ROIHeads):
         if not self.training:
             # separate detection head: the identity path embeds the final (regressed) boxes
             embeds = None if self.separate_det_head else self.embed(feats)
-            return self._inference(features, predictions, proposals, query_embeds, embeds), {}
+            return self._inference(features, predictions, proposals, query_embeds, embeds,
+                                   query_cells), {}
         gt_classes = torch.cat([p.gt_classes for p in proposals])
         foreground = (gt_classes >= 0) & (gt_classes < self.num_classes)
         if not self.separate_det_head:
@@ -403,8 +454,8 @@ class QEEPSROIHeads(Res5ROIHeads):
                                   else logits.sum() * 0.0)
         return losses
 
-    def _inference(self, features, predictions, proposals, query_embeds, embeds=None
-                   ) -> List[Instances]:
+    def _inference(self, features, predictions, proposals, query_embeds, embeds=None,
+                   query_cells=None) -> List[Instances]:
         """Detections of B images. ``embeds`` (R, D): embeddings of the proposals, whose kept
         rows the detections take (one shared res5); None: the identity path embeds the final
         regressed boxes themselves (separate detection head)."""
@@ -435,13 +486,18 @@ class QEEPSROIHeads(Res5ROIHeads):
                 (det >= self.min_det_score) & torch.isfinite(bxs.tensor).all(dim=1)
             ).squeeze(1)
             candidates.append((bxs[keep], det[keep], keep))
-        if embeds is None:
+        cand_cells = [None] * len(candidates)
+        if query_cells is not None:
+            cand_embeds, cand_cells = self._describe_per_image(features, [c[0] for c in candidates])
+        elif embeds is None:
             cand_embeds = self._embed_per_image(features, [c[0] for c in candidates])
         else:
             cand_embeds = [e[c[2]] for e, c in zip(embeds.split(num_per_image), candidates)]
         results = []
-        for i, (p, (bxs, det, _), emb) in enumerate(zip(proposals, candidates, cand_embeds)):
-            sims = self.qsimnet.similarity(query_embeds[i : i + 1], emb)
+        for i, (p, (bxs, det, _), emb, cel) in enumerate(
+                zip(proposals, candidates, cand_embeds, cand_cells)):
+            qc = None if query_cells is None else query_cells[i : i + 1]
+            sims = self.query_similarity(query_embeds[i : i + 1], emb, qc, cel)
             keep = batched_nms(bxs.tensor, sims, torch.zeros_like(sims, dtype=torch.long),
                                self.box_predictor.test_nms_thresh)
             keep = keep[: self.box_predictor.test_topk_per_image]
@@ -453,6 +509,20 @@ class QEEPSROIHeads(Res5ROIHeads):
             res.pred_sims = sims[keep]
             results.append(res)
         return results
+
+
+def _local_sim_from_config(cfg) -> Optional[LocalSimilarity]:
+    """The local head of MODEL.QEEPS.QSIMNET.LOCAL (QSimNet rows with an identity path of its
+    own stages only), or None."""
+    q = cfg.MODEL.QEEPS
+    if not q.QSIMNET.LOCAL.ENABLED:
+        return None
+    if not q.QSIMNET.ENABLED or not q.ID_POOLER.IN_FEATURE or not q.ID_POOLER.OWN_STAGES:
+        raise ValueError("MODEL.QEEPS.QSIMNET.LOCAL needs MODEL.QEEPS.QSIMNET.ENABLED and an "
+                         "identity path with its own stages (MODEL.QEEPS.ID_POOLER.IN_FEATURE, "
+                         "OWN_STAGES)")
+    # the identity path's map before res5 has res4's channels
+    return LocalSimilarity(cfg.MODEL.RESNETS.RES2_OUT_CHANNELS * 4, q.QSIMNET.LOCAL.DIM)
 
 
 def _det_head_mode(mode: str) -> str:

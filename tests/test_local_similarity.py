@@ -1,0 +1,171 @@
+"""MODEL.QEEPS.QSIMNET.LOCAL: the local similarity head, its fitting and its use in pair mode."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from detectron2.modeling import build_model
+from detectron2.structures import Boxes
+
+from qeeps_d2.engine.local_similarity_fit import fit_local_similarity
+from qeeps_d2.modeling.local_similarity import LocalSimilarity
+
+import model_fixtures
+
+
+def _reference(q, g, eq, eg, tau, alpha):
+    """The head's formula in numpy, for one pair: q, g (P, d) unit cells, eq, eg (D,)."""
+    s = q @ g.T
+    a = np.exp(s / tau)
+    a /= a.sum(axis=1, keepdims=True)
+    local = (a * s).sum(axis=1).mean()
+    return (local + alpha * float(eq @ eg)) / (1 + abs(alpha))
+
+
+def _unit(x):
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def test_score_is_the_formula_pinned_on_a_small_pair():
+    head = LocalSimilarity(in_channels=4, dim=3)
+    with torch.no_grad():
+        head.log_tau.fill_(math.log(0.5))
+        head.alpha.fill_(0.25)
+    rng = np.random.default_rng(0)
+    q, g = _unit(rng.normal(size=(2, 3))), _unit(rng.normal(size=(2, 3)))
+    eq, eg = _unit(rng.normal(size=5)), _unit(rng.normal(size=5))
+    got = head(torch.tensor(q[None], dtype=torch.float32), torch.tensor(g[None], dtype=torch.float32),
+               torch.tensor(eq[None], dtype=torch.float32), torch.tensor(eg[None], dtype=torch.float32))
+    assert got.shape == (1,)
+    assert float(got.detach()) == pytest.approx(_reference(q, g, eq, eg, 0.5, 0.25), abs=1e-6)
+    # two hand-made cells: q = (e1, e2), g = (e1, e1), tau -> 0: each query cell takes its best
+    # gallery cell, local = mean(1, 0) = 0.5; identical embeddings: (0.5 + 0.25) / 1.25 = 0.6
+    with torch.no_grad():
+        head.log_tau.fill_(math.log(1e-4))
+    e1, e2 = [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]
+    got = head(torch.tensor([[e1, e2]]), torch.tensor([[e1, e1]]), torch.tensor([e1]), torch.tensor([e1]))
+    assert float(got) == pytest.approx(0.6, abs=1e-5)
+
+
+def test_a_query_cell_finds_its_match_wherever_it_sits_in_the_gallery_box():
+    """The soft alignment searches all gallery cells: moving the matching cell elsewhere in the
+    box (a logo seen at another height) leaves the score unchanged; a fixed cell-to-cell
+    comparison would drop it."""
+    torch.manual_seed(0)
+    head = LocalSimilarity(in_channels=8, dim=8)
+    q = head.cells(torch.randn(1, 8, 3, 2))
+    g = head.cells(torch.randn(1, 8, 3, 2))
+    e = torch.nn.functional.normalize(torch.randn(1, 16), dim=1)
+    moved = g[:, torch.randperm(6)]
+    assert torch.allclose(head(q, g, e, e), head(q, moved, e, e), atol=1e-6)
+    assert float(head(q, q, e, e)) > float(head(q, g, e, e))
+    out = head(q, torch.cat([g, q]), e, torch.cat([e, e]))  # one query against two boxes
+    assert out.shape == (2,) and bool((out.abs() <= 1 + 1e-6).all())
+
+
+def _logo_boxes(num_ids=12, per_id=4, cells=6, channels=8, seed=0):
+    """Boxes whose identity is one 'logo' (in the first half of the channels) at a random cell;
+    the other half carries strong nuisance in every cell, and the global embeddings carry no
+    identity: only a head that learns which channels to compare, and searches the cells, finds
+    the person."""
+    rng = np.random.default_rng(seed)
+    half = channels // 2
+    logos = rng.normal(size=(num_ids, half)) * 3
+    maps, pids = [], []
+    for p in range(num_ids):
+        for _ in range(per_id):
+            m = rng.normal(size=(cells, channels)) * 0.3
+            m[:, half:] += rng.normal(size=(cells, channels - half)) * 3
+            m[rng.integers(cells), :half] += logos[p]
+            maps.append(m)
+            pids.append(p)
+    maps = torch.tensor(np.array(maps), dtype=torch.float32)
+    embeds = torch.nn.functional.normalize(torch.randn(len(pids), 16), dim=1)
+    return maps, embeds, torch.tensor(pids)
+
+
+def _retrieval_top1(head, maps, embeds, pids):
+    with torch.no_grad():
+        cells = head.cells_from_flat(maps)
+        hits = 0
+        for i in range(len(pids)):
+            s = head(cells[i : i + 1], cells, embeds[i : i + 1], embeds)
+            s[i] = -9
+            hits += int(pids[int(s.argmax())] == pids[i])
+    return hits / len(pids)
+
+
+def test_fitting_learns_a_local_cue_the_global_embedding_lacks():
+    torch.manual_seed(0)
+    maps, embeds, pids = _logo_boxes()
+    test_maps, test_embeds, test_pids = _logo_boxes(seed=1)  # other identities and logos
+    head = LocalSimilarity(in_channels=8, dim=8)
+    assert not head.fitted
+    before = _retrieval_top1(head, test_maps, test_embeds, test_pids)
+    loss = fit_local_similarity(head, maps, embeds, pids, iters=150, batch=32, hard_pool=8,
+                                hard_negatives=4, random_negatives=4, lr=1e-2)
+    assert math.isfinite(loss) and head.fitted
+    assert torch.allclose(head.mean, maps.reshape(-1, 8).mean(0))
+    after = _retrieval_top1(head, test_maps, test_embeds, test_pids)
+    # chance: 3 mates among 47 boxes (0.06)
+    assert after >= 0.5 and after > before + 0.3, (before, after)
+
+
+def test_fitting_needs_identities_with_two_boxes():
+    head = LocalSimilarity(in_channels=8, dim=8)
+    with pytest.raises(ValueError, match="two identities"):
+        fit_local_similarity(head, torch.randn(3, 6, 8), torch.randn(3, 16), torch.tensor([0, 1, 2]))
+
+
+def _cfg(local=True):
+    cfg = model_fixtures.tiny_cfg(qsse=True, qrpn=True, qsimnet=True)
+    cfg.MODEL.QEEPS.DET_HEAD = "separate"
+    cfg.MODEL.RESNETS.OUT_FEATURES = ["res2", "res4"]
+    cfg.MODEL.QEEPS.ID_POOLER.IN_FEATURE = "res2"
+    cfg.MODEL.QEEPS.ID_POOLER.RESOLUTION = (24, 12)
+    cfg.MODEL.QEEPS.ID_POOLER.OWN_STAGES = True
+    cfg.MODEL.QEEPS.QSIMNET.LOCAL.ENABLED = local
+    return cfg
+
+
+def test_config_needs_qsimnet_and_own_identity_stages():
+    cfg = _cfg()
+    cfg.MODEL.QEEPS.ID_POOLER.OWN_STAGES = False
+    with pytest.raises(ValueError, match="QSIMNET.LOCAL needs"):
+        build_model(cfg)
+    cfg = _cfg()
+    cfg.MODEL.QEEPS.QSIMNET.ENABLED = False
+    with pytest.raises(ValueError, match="QSIMNET.LOCAL needs"):
+        build_model(cfg)
+
+
+def _pair_inputs(h=64, w=96):
+    torch.manual_seed(1)
+    image = (torch.rand(3, h, w) * 255).float()
+    return [{"image": image, "query_image": image.flip(2), "query_box": [10.0, 8.0, 40.0, 60.0],
+             "height": h, "width": w, "given_boxes": torch.tensor([[50.0, 5.0, 80.0, 60.0],
+                                                                   [10.0, 8.0, 40.0, 60.0]])}]
+
+
+def test_pair_scores_come_from_the_fitted_head_only():
+    torch.manual_seed(0)
+    model = build_model(_cfg()).eval()
+    heads = model.roi_heads
+    with torch.no_grad():
+        plain = model(_pair_inputs())[0]["instances"]
+        # unfitted: QSimNet's probabilities, as without the head
+        assert plain.pred_sims.shape == (2,)
+        assert bool(((plain.pred_sims >= 0) & (plain.pred_sims <= 1)).all())
+        heads.local_sim.fitted_flag.fill_(1)
+        local = model(_pair_inputs())[0]["instances"]
+    assert torch.allclose(plain.pred_embeds, local.pred_embeds, atol=1e-6)
+    assert not torch.allclose(plain.pred_sims, local.pred_sims, atol=1e-3)
+    # the fitted head's score of each given box, recomputed from its pieces
+    with torch.no_grad():
+        inp = _pair_inputs()
+        images, feats, q_feats, q_boxes = model._siamese_features(inp)
+        q_embeds, q_cells = heads.describe_boxes(q_feats, q_boxes)
+        embeds, cells = heads._describe_per_image(feats, [Boxes(inp[0]["given_boxes"])])
+        expected = heads.local_sim(q_cells, cells[0], q_embeds, embeds[0])
+    assert torch.allclose(local.pred_sims, expected, atol=1e-5)
