@@ -169,3 +169,29 @@ def test_pair_scores_come_from_the_fitted_head_only():
         embeds, cells = heads._describe_per_image(feats, [Boxes(inp[0]["given_boxes"])])
         expected = heads.local_sim(q_cells, cells[0], q_embeds, embeds[0])
     assert torch.allclose(local.pred_sims, expected, atol=1e-5)
+
+
+def test_description_batches_equal_size_images_without_changing_them(tmp_path):
+    from qeeps_d2.data.datasets.cuhk_sysu import load_cuhk_sysu
+    from qeeps_d2.data.mapper import PersonSearchMapper
+    from qeeps_d2.data.synthps import generate_synthps
+    from qeeps_d2.engine.local_similarity_fit import describe_labeled_boxes
+
+    root = str(tmp_path / "synthps")
+    generate_synthps(root, seed=0, num_train_ids=4, num_test_ids=3, train_images=8,
+                     test_images=51, image_size=(96, 72), persons_per_image=(2, 3),
+                     gallery_sizes=(50,), appearances_per_id=(2, 6))
+    records = load_cuhk_sysu(root, "train")
+    labeled = [a["person_id"] for r in records for a in r["annotations"] if a["person_id"] >= 0]
+    cfg = _cfg()
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    mapper = PersonSearchMapper(cfg, is_train=False)
+    one = describe_labeled_boxes(model, records, mapper, batch_size=1)
+    three = describe_labeled_boxes(model, records, mapper, batch_size=3)
+    assert one[2].tolist() == three[2].tolist() == labeled
+    assert one[0].shape == (len(labeled), 6 * 3, 128) and one[1].shape == (len(labeled), 16)
+    # an untrained network: cells up to ~4e3, so float rounding relative to that scale
+    assert float((one[0] - three[0]).abs().max()) <= 1e-5 * float(one[0].abs().max())
+    assert torch.allclose(one[1], three[1], atol=1e-5)
+    assert model.training  # left as it was

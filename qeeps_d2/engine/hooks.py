@@ -8,7 +8,8 @@ import torch
 
 from detectron2.engine import HookBase
 
-__all__ = ["NonFiniteLossCheck", "OIMTableInit", "labeled_identity_means", "non_finite_terms"]
+__all__ = ["NonFiniteLossCheck", "OIMTableInit", "labeled_box_records", "labeled_identity_means",
+           "non_finite_terms"]
 
 
 def non_finite_terms(loss_dict: Dict[str, torch.Tensor]) -> List[str]:
@@ -57,6 +58,18 @@ class NonFiniteLossCheck(HookBase):
         )
 
 
+def labeled_box_records(records):
+    """For each record with labeled people: (the record without its annotations and with
+    ``given_boxes`` = the labeled boxes, their ``person_id`` list), in record order."""
+    for r in records:
+        labeled = [a for a in r.get("annotations", []) if a.get("person_id", -1) >= 0]
+        if not labeled:
+            continue
+        record = {k: v for k, v in r.items() if k != "annotations"}
+        record["given_boxes"] = [a["bbox"] for a in labeled]
+        yield record, [a["person_id"] for a in labeled]
+
+
 @torch.no_grad()
 def labeled_identity_means(model, records, mapper, num_pids: int):
     """(num_pids, D) L2-normalised mean embedding of each labeled identity's annotated boxes,
@@ -71,17 +84,12 @@ def labeled_identity_means(model, records, mapper, num_pids: int):
     model.eval()
     sums = None
     try:
-        for r in records:
-            labeled = [a for a in r.get("annotations", []) if a.get("person_id", -1) >= 0]
-            if not labeled:
-                continue
-            record = {k: v for k, v in r.items() if k != "annotations"}
-            record["given_boxes"] = [a["bbox"] for a in labeled]
+        for record, ids in labeled_box_records(records):
             out = model([mapper(record)])[0]["instances"]
             embeds = out.pred_embeds.float()
             if sums is None:
                 sums = embeds.new_zeros((num_pids, embeds.shape[1]))
-            pids = torch.as_tensor([a["person_id"] for a in labeled], device=embeds.device)
+            pids = torch.as_tensor(ids, device=embeds.device)
             sums.index_add_(0, pids, embeds)
     finally:
         model.train(was_training)

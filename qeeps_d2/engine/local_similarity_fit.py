@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from detectron2.engine import HookBase
 from detectron2.structures import Boxes
 
+from qeeps_d2.engine.hooks import labeled_box_records
+
 __all__ = ["describe_labeled_boxes", "fit_local_similarity", "LocalSimilarityFit"]
 
 logger = logging.getLogger(__name__)
@@ -61,18 +63,13 @@ def describe_labeled_boxes(model, records: Sequence[Dict], mapper, batch_size: i
 
     try:
         group = []
-        for r in records:
-            labeled = [a for a in r.get("annotations", []) if a.get("person_id", -1) >= 0]
-            if not labeled:
-                continue
-            record = {k: v for k, v in r.items() if k != "annotations"}
-            record["given_boxes"] = [a["bbox"] for a in labeled]
+        for record, ids in labeled_box_records(records):
             inp = mapper(record)
             if group and (inp["image"].shape != group[0][0]["image"].shape
                           or len(group) == batch_size):
                 run(group)
                 group = []
-            group.append((inp, [a["person_id"] for a in labeled]))
+            group.append((inp, ids))
         if group:
             run(group)
     finally:
