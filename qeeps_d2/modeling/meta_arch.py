@@ -12,7 +12,8 @@ Inputs (list of dicts, as produced by ``qeeps_d2.data.PersonSearchMapper``); thr
   Output ``{"query_embed": (D,)}``.
 - pair: a gallery image as above plus ``query_image`` (3, Hq, Wq) and ``query_box`` (4,) in
   ``query_image`` pixels; in training ``instances.gt_is_query`` marks the query person.
-  Output instances also carry ``pred_sims`` (N,) (QSimNet probability, or cosine without it);
+  Output instances also carry ``pred_sims`` (N,) (the fitted local head's score, else QSimNet's
+  probability, else the cosine);
   ``"proposal_boxes"`` are the proposals actually used (summed objectness with QRPN) and
   ``"plain_proposal_boxes"`` those of the stock objectness alone (Table 1's recall comparison).
 - given boxes (inference only, evaluation with ground-truth boxes): a gallery image or a pair

@@ -345,8 +345,9 @@ class QEEPSROIHeads(Res5ROIHeads):
         Returns:
             B ``Instances`` (the proposals' image sizes), one row per given box in order:
             ``pred_boxes`` (the box), ``scores`` (ClsNet person probability), ``pred_classes``
-            (0), ``pred_embeds`` (M_i, D) and, with a query, ``pred_sims`` (M_i,) (QSimNet
-            probability when it is enabled, else the cosine with the query embedding).
+            (0), ``pred_embeds`` (M_i, D) and, with a query, ``pred_sims`` (M_i,) (see
+            :meth:`query_similarity`: the fitted local head's score, QSimNet's probability, or
+            the cosine with the query embedding).
         """
         num = [len(p) for p in proposals]
         boxes = [p.proposal_boxes for p in proposals]
