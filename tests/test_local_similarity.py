@@ -138,6 +138,32 @@ def test_config_needs_qsimnet_and_own_identity_stages():
     cfg.MODEL.QEEPS.QSIMNET.ENABLED = False
     with pytest.raises(ValueError, match="QSIMNET.LOCAL needs"):
         build_model(cfg)
+    for key, value in (("HARD_POOL", 0), ("FIT_BATCH", 0), ("LR", 0.0)):
+        cfg = _cfg()
+        cfg.MODEL.QEEPS.QSIMNET.LOCAL[key] = value
+        with pytest.raises(ValueError, match=f"QSIMNET.LOCAL.{key} must be"):
+            build_model(cfg)
+
+
+@pytest.mark.parametrize("described", ["nothing", "one box per identity"])
+def test_too_few_identities_leave_the_head_unfitted_and_training_goes_on(described, caplog,
+                                                                        monkeypatch):
+    """The hook logs and keeps QSimNet instead of failing the end of a training run."""
+    import logging
+    from qeeps_d2.engine import local_similarity_fit
+
+    boxes = (None if described == "nothing" else
+             (torch.randn(3, 18, 128), torch.randn(3, 16), torch.tensor([0, 1, 2])))
+    monkeypatch.setattr(local_similarity_fit, "describe_labeled_boxes", lambda *a, **k: boxes)
+    cfg = _cfg()
+    cfg.MODEL.QEEPS.QSIMNET.LOCAL.PRETRAIN_IDS = False
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    hook = local_similarity_fit.LocalSimilarityFit(cfg, [], None)
+    with caplog.at_level(logging.WARNING, logger="qeeps_d2"):
+        hook.fit(model, model.roi_heads.local_sim)
+    assert not model.roi_heads.local_sim.fitted
+    assert "NOT fitted" in caplog.text
 
 
 def _pair_inputs(h=64, w=96):

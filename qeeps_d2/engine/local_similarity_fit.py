@@ -110,9 +110,8 @@ def fit_local_similarity(head, maps: torch.Tensor, embeds: torch.Tensor, pids: t
     anchors = torch.nonzero(same.sum(dim=1) >= 2).squeeze(1)
     sims = (embeds @ embeds.T).masked_fill(same, -3.0)
     hard = sims.topk(min(hard_pool, len(pids) - 1), dim=1).indices
-    others = [torch.nonzero(pids == p).squeeze(1) for p in pids.tolist()]
-    params = [p for p in head.parameters()]
-    opt = torch.optim.Adam(params, lr=lr)
+    boxes_of = {p: torch.nonzero(pids == p).squeeze(1) for p in pids.unique().tolist()}
+    opt = torch.optim.Adam(head.parameters(), lr=lr)
     was_training = head.training
     head.train()
     loss = torch.zeros(())
@@ -120,7 +119,8 @@ def fit_local_similarity(head, maps: torch.Tensor, embeds: torch.Tensor, pids: t
         a = anchors[torch.randint(len(anchors), (batch,), generator=g)]
         pos = []
         for i in a.tolist():
-            mates = others[i][others[i] != i]
+            same_id = boxes_of[int(pids[i])]
+            mates = same_id[same_id != i]
             pos.append(int(mates[torch.randint(len(mates), (1,), generator=g)]))
         pos = torch.as_tensor(pos)
         negs = [hard[a][torch.arange(batch)[:, None],
@@ -207,14 +207,14 @@ class LocalSimilarityFit(HookBase):
             pids.append(p + offset)
             offset = int(pids[-1].max()) + 1
         maps, embeds, pids = torch.cat(maps), torch.cat(embeds), torch.cat(pids)
-        if int((torch.bincount(pids) >= 2).sum()) < 2:
-            logger.warning("Local similarity head NOT fitted: fewer than two identities with two "
-                           "labeled boxes; QSimNet scores the pairs")
+        try:
+            loss = fit_local_similarity(
+                head, maps, embeds, pids, iters=c.FIT_ITERS, batch=c.FIT_BATCH,
+                hard_negatives=c.HARD_NEGATIVES, random_negatives=c.RANDOM_NEGATIVES,
+                hard_pool=c.HARD_POOL, lr=c.LR, seed=max(int(self._cfg.SEED), 0))
+        except ValueError as e:  # too few identities: training still ends with QSimNet
+            logger.warning("Local similarity head NOT fitted (%s); QSimNet scores the pairs", e)
             return
-        loss = fit_local_similarity(
-            head, maps, embeds, pids, iters=c.FIT_ITERS, batch=c.FIT_BATCH,
-            hard_negatives=c.HARD_NEGATIVES, random_negatives=c.RANDOM_NEGATIVES,
-            hard_pool=c.HARD_POOL, lr=c.LR, seed=max(int(self._cfg.SEED), 0))
         logger.info("Local similarity head fitted on %d boxes of %d identities (%s) in %.0f s: "
                     "loss %.3f, alpha %.2f, tau %.3f", len(pids), len(np.unique(pids.numpy())),
                     "training + pretraining sets" if len(described) > 1 else "training set",

@@ -522,8 +522,18 @@ def _local_sim_from_config(cfg) -> Optional[LocalSimilarity]:
         raise ValueError("MODEL.QEEPS.QSIMNET.LOCAL needs MODEL.QEEPS.QSIMNET.ENABLED and an "
                          "identity path with its own stages (MODEL.QEEPS.ID_POOLER.IN_FEATURE, "
                          "OWN_STAGES)")
+    # checked here, when the model is built, not when the fit runs at the end of training
+    local = q.QSIMNET.LOCAL
+    for key, value, low in (("DIM", local.DIM, 1), ("FIT_ITERS", local.FIT_ITERS, 0),
+                            ("FIT_BATCH", local.FIT_BATCH, 1), ("HARD_POOL", local.HARD_POOL, 1),
+                            ("HARD_NEGATIVES", local.HARD_NEGATIVES, 0),
+                            ("RANDOM_NEGATIVES", local.RANDOM_NEGATIVES, 0)):
+        if value < low:
+            raise ValueError(f"MODEL.QEEPS.QSIMNET.LOCAL.{key} must be >= {low}, got {value}")
+    if not local.LR > 0:
+        raise ValueError(f"MODEL.QEEPS.QSIMNET.LOCAL.LR must be > 0, got {local.LR}")
     # the identity path's map before res5 has res4's channels
-    return LocalSimilarity(cfg.MODEL.RESNETS.RES2_OUT_CHANNELS * 4, q.QSIMNET.LOCAL.DIM)
+    return LocalSimilarity(cfg.MODEL.RESNETS.RES2_OUT_CHANNELS * 4, local.DIM)
 
 
 def _det_head_mode(mode: str) -> str:
