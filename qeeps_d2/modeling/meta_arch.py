@@ -50,7 +50,8 @@ class QEEPS(GeneralizedRCNN):
 
     @configurable
     def __init__(self, *, loss_weights: Dict[str, float], qsse: bool, query_guided: bool,
-                 oim_start_iter: int = 0, oim_warmup_iters: int = 0, **kwargs):
+                 oim_start_iter: int = 0, oim_warmup_iters: int = 0,
+                 channels_last: bool = False, **kwargs):
         super().__init__(**kwargs)
         if hasattr(self.roi_heads, "attach_trunk"):  # the identity path may continue in it
             self.roi_heads.attach_trunk(self.backbone)
@@ -63,6 +64,9 @@ class QEEPS(GeneralizedRCNN):
         self.query_guided = query_guided
         self.oim_start_iter = oim_start_iter
         self.oim_warmup_iters = oim_warmup_iters
+        if channels_last:  # MODEL.QEEPS.CHANNELS_LAST: weights and backbone inputs NHWC
+            self.to(memory_format=torch.channels_last)
+            self.backbone.memory_format = torch.channels_last
 
     @classmethod
     def from_config(cls, cfg):
@@ -72,6 +76,7 @@ class QEEPS(GeneralizedRCNN):
         ret["query_guided"] = is_query_guided(cfg)
         ret["oim_start_iter"] = cfg.MODEL.QEEPS.OIM.LOSS_START_ITER
         ret["oim_warmup_iters"] = cfg.MODEL.QEEPS.OIM.LOSS_WARMUP_ITERS
+        ret["channels_last"] = cfg.MODEL.QEEPS.CHANNELS_LAST
         return ret
 
     # ------------------------------------------------------------------ helpers

@@ -187,7 +187,13 @@ class QSSEResNet(ResNet):
     each block squeezes every image over its own valid region only: ``ceil(h / s) x ceil(w / s)``
     at the block's cumulative stride s, the extent of the feature map of that image unpadded
     (the stem's stride-2 conv and max-pool and every stride-2 conv map n to ceil(n / 2)).
+
+    ``memory_format``: the layout every entry point (``forward``, ``forward_to``,
+    ``forward_from``) gives its input; channels-last with MODEL.QEEPS.CHANNELS_LAST (set by the
+    meta architecture, which also converts the weights).
     """
+
+    memory_format = torch.contiguous_format
 
     @property
     def qsse_blocks(self) -> List[_QSSEMixin]:
@@ -234,12 +240,12 @@ class QSSEResNet(ResNet):
             image_sizes = torch.stack([torch.as_tensor(tuple(s), dtype=torch.int64)
                                        for s in image_sizes]).to(x.device)
         with self._paired(num_pairs, image_sizes):
-            return super().forward(x)
+            return super().forward(x.contiguous(memory_format=self.memory_format))
 
 
     def forward_to(self, x: torch.Tensor, stage: str) -> torch.Tensor:
         """(N, 3, H, W) images -> the output of ``stage`` (single stream; later stages skipped)."""
-        x = self.stem(x)
+        x = self.stem(x.contiguous(memory_format=self.memory_format))
         for name, st in zip(self.stage_names, self.stages):
             x = st(x)
             if name == stage:
@@ -283,6 +289,7 @@ class QSSEResNet(ResNet):
             raise ValueError("forward_from after a paired forward needs each row's image_index")
         for src, dst in paired:
             dst.row_gates = src.gates[image_index]
+        x = x.contiguous(memory_format=self.memory_format)
         try:
             for st in stages:
                 x = st(x)
@@ -296,15 +303,17 @@ class FastPoolStem(BasicStem):
     """Detectron2's ``BasicStem`` (same parameters and output) whose 3x3/2 max-pool runs on a
     channels-last view: PyTorch's CPU max-pool on NCHW tensors is unvectorised (measured here:
     78 ms vs 5.6 ms on a (8, 32, 120, 180) batch, one thread). Max is exact, so the output is
-    identical; it is returned in the default (NCHW) layout."""
+    identical; it is returned in the layout of the convolution's output (NCHW, or channels-last
+    in a channels-last network, MODEL.QEEPS.CHANNELS_LAST)."""
 
     def forward(self, x):
         """(N, 3, H, W) -> (N, C, ceil(H/4), ceil(W/4))."""
         x = F.relu_(self.conv1(x))
         if x.device.type != "cpu":
             return F.max_pool2d(x, kernel_size=3, stride=2, padding=1)
+        layout = (torch.contiguous_format if x.is_contiguous() else torch.channels_last)
         x = F.max_pool2d(x.contiguous(memory_format=torch.channels_last), 3, 2, 1)
-        return x.contiguous()
+        return x.contiguous(memory_format=layout)
 
 
 @BACKBONE_REGISTRY.register()
