@@ -4,7 +4,9 @@
 A query-guided model must run once per (query, gallery image) pair. In cascade mode the same
 network first runs with query guidance off (QSSE blocks pass through, QRPN off, the ROI head's
 plain OIM embedding): every gallery image once and every query box once, similarity = embedding
-dot product. Per query, its gallery images are ranked by their best first-stage similarity over
+dot product, or, with a fitted local similarity head (MODEL.QEEPS.QSIMNET.LOCAL), that head's
+score of the query's and the detection's cells, which come out of those same forwards
+(``qeeps_d2.modeling.local_similarity.agnostic_similarity``). Per query, its gallery images are ranked by their best first-stage similarity over
 the detections with ``score >= det_thresh`` (images without such a detection last; ties keep
 gallery order) and the top K are re-scored in pair mode. K >= the gallery size gives back the
 exhaustive pair search.
@@ -12,7 +14,7 @@ exhaustive pair search.
 Merged rows of a query (:func:`merge_cascade_rows`): a shortlisted image gets its pair-mode rows;
 every other image keeps its first-stage rows with the similarity shifted by
 ``-FIRST_STAGE_OFFSET`` (3). Second-stage similarities lie in [-1, 1] (cosine without QSimNet, a
-probability in [0, 1] with it) and first-stage ones are cosines in [-1, 1], so a shifted
+probability in [0, 1] with it) and first-stage ones lie in [-1, 1] too (cosines or the local head's score), so a shifted
 first-stage similarity lies in [-4, -2], below the re-scored detections, and the first-stage
 order among them is kept. Not every re-scored detection belongs above them, though: the pair
 stage re-scores everyone in a shortlisted image, and a bystander it scores low would, ranked
@@ -54,7 +56,7 @@ __all__ = [
 
 CASCADE_MODE = "cascade"
 # First-stage similarities of images that are not re-scored are shifted down by this much (see
-# the module docstring): cosines in [-1, 1] land in [-4, -2], below any pair-mode similarity.
+# the module docstring): scores in [-1, 1] land in [-4, -2], below any pair-mode similarity.
 FIRST_STAGE_OFFSET = 3.0
 # Re-scored detections below the floor (rescored_floor) are shifted down by this much: [-7, -5],
 # below every shifted first-stage similarity.

@@ -3,8 +3,9 @@
 It consumes the test records (:func:`qeeps_d2.data.search_inputs.build_search_records`) and the
 model's outputs, by record kind (:func:`qeeps_d2.utils.records.record_kind`):
 
-* gallery image -> ``{"instances": pred_boxes, scores, pred_embeds (N, D)}``;
-* query -> ``{"query_embed": (D,)}``;
+* gallery image -> ``{"instances": pred_boxes, scores, pred_embeds (N, D)}`` (a fitted local
+  head: also ``pred_cells`` (N, P, d));
+* query -> ``{"query_embed": (D,)}`` (a fitted local head: also ``query_cells``, ``local_params``);
 * pair -> ``{"instances": pred_boxes, scores, pred_sims (N,)}``.
 
 Boxes are in original-image pixels. Only detections with ``score >= det_thresh`` are kept (they
@@ -12,8 +13,9 @@ are the only ones the protocol can rank), which bounds memory and the size of th
 the file records this threshold as ``"min_det_score"``.
 
 ``evaluate()`` gathers everything on the main process, builds each evaluated query's rows
-``[x1, y1, x2, y2, score, similarity]`` per gallery image (agnostic models: similarity =
-``pred_embeds @ query_embed``), writes ``<output_dir>/<dataset_name>_results.json.gz`` and scores
+``[x1, y1, x2, y2, score, similarity]`` per gallery image (query-agnostic outputs: similarity =
+``pred_embeds @ query_embed``, or the local head's score when both sides have cells, see
+:func:`qeeps_d2.modeling.local_similarity.agnostic_similarity`), writes ``<output_dir>/<dataset_name>_results.json.gz`` and scores
 it with :mod:`qeeps_d2.evaluation.search_metrics`. A gallery image (or pair) without output
 counts as "no detection"; missing outputs are reported with a warning since they usually mean a
 bug. Proposal recall and detection AP are other evaluators' (:mod:`.proposal_recall`,
@@ -40,12 +42,14 @@ from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+import torch
 
 from detectron2.evaluation import DatasetEvaluator
 from detectron2.utils import comm
 
 from ..data.search_inputs import check_query_indices
 from ..data.search_protocol import SearchProtocol
+from ..modeling.local_similarity import agnostic_similarity
 from ..utils.records import record_kind
 from . import cascade
 from .results_file import QueryResult, write_results
@@ -144,17 +148,20 @@ class PersonSearchEvaluator(DatasetEvaluator):
         self.reset()
 
     def reset(self):
-        # image_id -> (boxes (N,4), scores (N,), embeds (N,D)); query index -> (D,);
+        # image_id -> (boxes (N,4), scores (N,), embeds (N,D), cells (N,P,d) or None);
+        # query index -> its output ({"query_embed": (D,), ...} as numpy arrays);
         # (query index, image_id) -> (N, 6) rows.
-        self._gallery: Dict[str, Tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
-        self._query_embeds: Dict[int, np.ndarray] = {}
+        self._gallery: Dict[str, Tuple[np.ndarray, np.ndarray, np.ndarray, Optional[np.ndarray]]] = {}
+        self._query_embeds: Dict[int, Dict[str, np.ndarray]] = {}
         self._pairs: Dict[Tuple[int, str], np.ndarray] = {}
 
     def process(self, inputs, outputs):
         for inp, out in zip(inputs, outputs):
             kind = record_kind(inp)
             if kind == "query":
-                self._query_embeds[int(inp["query_index"])] = to_numpy(out["query_embed"])
+                self._query_embeds[int(inp["query_index"])] = {
+                    k: to_numpy(out[k]) for k in ("query_embed", "query_cells", "local_params")
+                    if k in out}
                 continue
             boxes, scores, inst = kept_detections(inp, out["instances"], self.det_thresh,
                                                   self.use_gt_boxes, self.dataset_name)
@@ -162,7 +169,8 @@ class PersonSearchEvaluator(DatasetEvaluator):
                 rows = np.c_[boxes, scores, to_numpy(inst.pred_sims)].astype(np.float64)
                 self._pairs[(int(inp["query_index"]), inp["image_id"])] = rows.reshape(-1, 6)
             else:
-                self._gallery[inp["image_id"]] = (boxes, scores, to_numpy(inst.pred_embeds))
+                cells = to_numpy(inst.pred_cells) if inst.has("pred_cells") else None
+                self._gallery[inp["image_id"]] = (boxes, scores, to_numpy(inst.pred_embeds), cells)
 
     def _gather(self) -> bool:
         """Merge all ranks' outputs into this process; False on non-main ranks."""
@@ -183,16 +191,21 @@ class PersonSearchEvaluator(DatasetEvaluator):
         warn_missing(self.dataset_name, what, missing, expected)
 
     def _agnostic_queries(self) -> List[QueryResult]:
-        """Per-query rows with similarity = gallery embeddings . query embedding."""
+        """Per-query rows with similarity = gallery embeddings . query embedding (or the local
+        head's score, :func:`agnostic_similarity`)."""
         names = sorted(self._gallery)
         parts = [self._gallery[n] for n in names]
-        counts = np.array([len(scores) for _, scores, _ in parts], dtype=np.int64)
+        counts = np.array([len(scores) for _, scores, _, _ in parts], dtype=np.int64)
         starts = dict(zip(names, (np.cumsum(counts) - counts).tolist()))
         count = dict(zip(names, counts.tolist()))
         boxes_scores = np.concatenate(
-            [np.zeros((0, 5))] + [np.c_[boxes, scores] for boxes, scores, _ in parts]
+            [np.zeros((0, 5))] + [np.c_[boxes, scores] for boxes, scores, _, _ in parts]
         ).astype(np.float64)
-        embeds = np.concatenate([e for _, _, e in parts]) if parts else None
+        embeds = torch.from_numpy(np.concatenate([e for _, _, e, _ in parts])) if parts else None
+        # cells when every image with a detection has them (images without one add none)
+        with_boxes = [c for _, s, _, c in parts if len(s)]
+        cells = (torch.from_numpy(np.concatenate(with_boxes))
+                 if with_boxes and all(c is not None for c in with_boxes) else None)
         results = []
         for i in self.query_indices:
             gallery = {}
@@ -203,7 +216,10 @@ class PersonSearchEvaluator(DatasetEvaluator):
                 ends = np.cumsum(lengths)
                 first = np.array([starts[n] for n in present], dtype=np.int64)
                 idx = np.repeat(first - (ends - lengths), lengths) + np.arange(ends[-1])
-                sims = (embeds[idx] @ self._query_embeds[i]).astype(np.float64)
+                query = {k: torch.from_numpy(v) for k, v in self._query_embeds[i].items()}
+                t = torch.from_numpy(idx)
+                sims = agnostic_similarity(query, embeds[t], None if cells is None else cells[t])
+                sims = sims.numpy().astype(np.float64)
                 rows = np.c_[boxes_scores[idx], sims]
                 gallery = {n: rows[e - k : e] for n, k, e in zip(present, lengths, ends)}
             results.append(QueryResult(i, self.protocol.queries[i].image, gallery))
@@ -241,7 +257,7 @@ class PersonSearchEvaluator(DatasetEvaluator):
         """image -> (N, 5) ``[x1, y1, x2, y2, score]`` of the gallery-image outputs, if any."""
         if not self._gallery:
             return None
-        return {n: np.c_[b, s] for n, (b, s, _) in self._gallery.items()}
+        return {n: np.c_[b, s] for n, (b, s, _, _) in self._gallery.items()}
 
     def _evaluate_first_stage(self) -> None:
         """Cascade stage 1 (main process): first-stage rows, scores, detections and the

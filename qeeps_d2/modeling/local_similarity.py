@@ -20,12 +20,53 @@ over one positive and hard and random negatives.
 from __future__ import annotations
 
 import math
+from typing import Mapping, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["LocalSimilarity"]
+__all__ = ["LocalSimilarity", "local_similarity", "agnostic_similarity"]
+
+
+def local_similarity(query_cells: torch.Tensor, gallery_cells: torch.Tensor,
+                     query_embeds: torch.Tensor, gallery_embeds: torch.Tensor,
+                     tau, alpha) -> torch.Tensor:
+    """The local head's score (module docstring) at temperature ``tau`` and share ``alpha``.
+
+    Args:
+        query_cells: (R, P, d) or (1, P, d) unit cell descriptors; gallery_cells: (R, P, d).
+        query_embeds: (R, D) or (1, D) unit global embeddings; gallery_embeds: (R, D).
+        tau, alpha: scalars (floats or 0-d tensors).
+    Returns:
+        (R,) similarities in [-1, 1].
+    """
+    s = torch.einsum("rid,rjd->rij", query_cells.expand_as(gallery_cells), gallery_cells)
+    attention = (s / tau).softmax(dim=2)
+    local = (attention * s).sum(dim=2).mean(dim=1)
+    glob = (query_embeds * gallery_embeds).sum(dim=1)
+    return (local + alpha * glob) / (1.0 + abs(alpha))
+
+
+def agnostic_similarity(query: Mapping, embeds: torch.Tensor,
+                        cells: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Similarity of N query-agnostic detections to a query-agnostic query output.
+
+    Args:
+        query: the model's output for a query box: ``query_embed`` (D,) and, with a fitted
+            local head, ``query_cells`` (P, d) and ``local_params`` (2,) = (tau, alpha).
+        embeds: (N, D) the detections' ``pred_embeds``.
+        cells: (N, P, d) their ``pred_cells`` (a fitted local head), or None.
+    Returns:
+        (N,) the local head's score when both sides have cells (the first stage of a cascade
+        then ranks as its pair stage does, on features computed without query guidance),
+        else the cosine ``embeds @ query_embed``.
+    """
+    if cells is None or query.get("query_cells") is None or not len(embeds):
+        return embeds @ query["query_embed"]
+    tau, alpha = query["local_params"].tolist()
+    return local_similarity(query["query_cells"][None], cells, query["query_embed"][None],
+                            embeds, tau, alpha)
 
 
 class LocalSimilarity(nn.Module):
@@ -68,8 +109,9 @@ class LocalSimilarity(nn.Module):
         Returns:
             (R,) similarities in [-1, 1].
         """
-        s = torch.einsum("rid,rjd->rij", query_cells.expand_as(gallery_cells), gallery_cells)
-        attention = (s / self.log_tau.exp()).softmax(dim=2)
-        local = (attention * s).sum(dim=2).mean(dim=1)
-        glob = (query_embeds * gallery_embeds).sum(dim=1)
-        return (local + self.alpha * glob) / (1.0 + self.alpha.abs())
+        return local_similarity(query_cells, gallery_cells, query_embeds, gallery_embeds,
+                                self.log_tau.exp(), self.alpha)
+
+    def params(self) -> torch.Tensor:
+        """(2,) = (tau, alpha), what :func:`agnostic_similarity` needs besides the cells."""
+        return torch.stack([self.log_tau.exp(), self.alpha]).detach()

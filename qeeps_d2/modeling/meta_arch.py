@@ -7,9 +7,12 @@ Inputs (list of dicts, as produced by ``qeeps_d2.data.PersonSearchMapper``); thr
 
 - gallery image: ``image`` (3, H, W), ``height``, ``width``, training ``instances`` with
   ``gt_boxes``, ``gt_classes``, ``gt_pids``. Output ``{"instances": Instances}`` with
-  ``pred_boxes``, ``scores``, ``pred_classes``, ``pred_embeds`` (N, D).
+  ``pred_boxes``, ``scores``, ``pred_classes``, ``pred_embeds`` (N, D) and, with a fitted
+  local head (MODEL.QEEPS.QSIMNET.LOCAL), ``pred_cells`` (N, P, d).
 - query box (inference only): ``image`` + ``query_box`` (4,) XYXY in ``image`` pixels.
-  Output ``{"query_embed": (D,)}``.
+  Output ``{"query_embed": (D,)}``; with a fitted local head also ``query_cells`` (P, d) and
+  ``local_params`` (2,) (see ``qeeps_d2.modeling.local_similarity.agnostic_similarity``, the
+  similarity of a query to query-agnostic detections).
 - pair: a gallery image as above plus ``query_image`` (3, Hq, Wq) and ``query_box`` (4,) in
   ``query_image`` pixels; in training ``instances.gt_is_query`` marks the query person.
   Output instances also carry ``pred_sims`` (N,) (the fitted local head's score, else QSimNet's
@@ -203,8 +206,12 @@ class QEEPS(GeneralizedRCNN):
     def _infer_queries(self, batched_inputs, do_postprocess=True):
         images = self.preprocess_image(batched_inputs)
         features = self.backbone(images.tensor)
-        embeds = self.roi_heads.embed_boxes(features, self._query_boxes(batched_inputs))
-        return [{"query_embed": e} for e in embeds]
+        embeds, cells = self.roi_heads.describe_boxes(features, self._query_boxes(batched_inputs))
+        if cells is None:
+            return [{"query_embed": e} for e in embeds]
+        params = self.roi_heads.local_sim.params()
+        return [{"query_embed": e, "query_cells": c, "local_params": params}
+                for e, c in zip(embeds, cells)]
 
     def _infer_pairs(self, batched_inputs, do_postprocess=True):
         images, features, query_feats, query_boxes = self._siamese_features(

@@ -300,11 +300,16 @@ class QEEPSROIHeads(Res5ROIHeads):
         """As :meth:`embed_boxes`, plus each box's cells for MODEL.QEEPS.QSIMNET.LOCAL:
         (sum of boxes, D) embeddings and (sum of boxes, P, d) cell descriptors, or None
         without the local head."""
-        if self.local_sim is None or not self.local_sim.fitted:
+        if not self.local_fitted:
             return self.embed_boxes(features, boxes), None
         with self._running_statistics():
             pooled, maps = self.box_features(features, boxes, return_map=True)
             return self.embed(pooled), self.local_sim.cells(maps)
+
+    @property
+    def local_fitted(self) -> bool:
+        """A fitted MODEL.QEEPS.QSIMNET.LOCAL head: boxes are described with cells too."""
+        return self.local_sim is not None and self.local_sim.fitted
 
     def query_similarity(self, query_embeds: torch.Tensor, embeds: torch.Tensor,
                          query_cells: Optional[torch.Tensor] = None,
@@ -355,7 +360,7 @@ class QEEPSROIHeads(Res5ROIHeads):
         if sum(num):
             feats = self.det_box_features(features, boxes)
             probs = self.box_predictor.predict_probs(self.box_predictor(feats), proposals)
-            if query_cells is not None:
+            if query_cells is not None or (query_embeds is None and self.local_fitted):
                 embeds, cells = self._describe_per_image(features, boxes)
             else:
                 embeds = (self._embed_per_image(features, boxes) if self.separate_det_head
@@ -371,6 +376,8 @@ class QEEPSROIHeads(Res5ROIHeads):
             res.scores = prob[:, 0]
             res.pred_classes = torch.zeros(len(p), dtype=torch.int64, device=emb.device)
             res.pred_embeds = emb
+            if query_embeds is None and cel is not None:
+                res.pred_cells = cel
             if query_embeds is not None:
                 qc = None if query_cells is None else query_cells[i : i + 1]
                 res.pred_sims = self.query_similarity(query_embeds[i : i + 1], emb, qc, cel)
@@ -463,12 +470,20 @@ class QEEPSROIHeads(Res5ROIHeads):
         num_per_image = [len(p) for p in proposals]
         if self.qsimnet is None or query_embeds is None:
             results, kept = self.box_predictor.inference(predictions, proposals)
-            if embeds is None:
-                per_image = self._embed_per_image(features, [r.pred_boxes for r in results])
-            else:
+            cells = [None] * len(results)
+            if embeds is not None:
                 per_image = [e[k] for e, k in zip(embeds.split(num_per_image), kept)]
-            for res, emb in zip(results, per_image):
+            elif self.local_fitted and query_embeds is None and not torch.jit.is_tracing():
+                # query-agnostic detections carry the local head's cells (pred_cells): a
+                # cascade's first stage ranks them with the head (agnostic_similarity)
+                per_image, cells = self._describe_per_image(
+                    features, [r.pred_boxes for r in results])
+            else:
+                per_image = self._embed_per_image(features, [r.pred_boxes for r in results])
+            for res, emb, cel in zip(results, per_image, cells):
                 res.pred_embeds = emb
+                if cel is not None:
+                    res.pred_cells = cel
             if query_embeds is not None:
                 for res, q in zip(results, query_embeds):
                     res.pred_sims = res.pred_embeds @ q

@@ -47,6 +47,7 @@ from ..data.mapper import PersonSearchMapper
 from ..data.size_batching import group_by_shape
 from ..engine.trainer import setup_cfg
 from ..evaluation.cascade import FIRST_STAGE_OFFSET, LOW_RESCORED_OFFSET, rescored_floor
+from ..modeling.local_similarity import agnostic_similarity
 from .gallery import GalleryFrame, read_image_bgr
 
 __all__ = ["Match", "PersonSearcher", "merge_cascade_matches", "resolve_device"]
@@ -330,7 +331,7 @@ class PersonSearcher:
         desc = "search" if shortlist is None else "cascade stage 1"
         with torch.no_grad(), tqdm(total=total, unit="frame", desc=desc,
                                    disable=not progress) as bar:
-            query_embed = None if pairs else self.model([query.input])[0]["query_embed"]
+            query_out = None if pairs else self.model([query.input])[0]
             while True:
                 batch = list(itertools.islice(frames, batch_size))
                 if not batch:
@@ -340,7 +341,7 @@ class PersonSearcher:
                 else:
                     outputs = self._run_gallery(batch)
                 for frame, out in zip(batch, outputs):
-                    found = self._matches(frame, out["instances"], query_embed, keep_frames)
+                    found = self._matches(frame, out["instances"], query_out, keep_frames)
                     if on_frame is not None:
                         on_frame(frame, found)
                     if shortlist is None:
@@ -459,15 +460,17 @@ class PersonSearcher:
         ]
         return self._forward(inputs)
 
-    def _matches(self, frame: GalleryFrame, instances, query_embed, keep_frames) -> List[Match]:
+    def _matches(self, frame: GalleryFrame, instances, query_out, keep_frames) -> List[Match]:
         """The frame's detections with score >= DET_THRESH as matches (boxes in frame pixels);
-        similarity = ``pred_sims`` (pairs: ``query_embed`` None) or ``pred_embeds @ query_embed``.
-        """
+        similarity = ``pred_sims`` (pairs: ``query_out`` None) or, to the query-agnostic query
+        output ``query_out``, :func:`agnostic_similarity` (``pred_embeds @ query_embed``, or
+        the fitted local head's score)."""
         instances = instances[instances.scores >= self.det_thresh]
-        if query_embed is None:
+        if query_out is None:
             sims = instances.pred_sims
         else:
-            sims = instances.pred_embeds @ query_embed
+            cells = instances.pred_cells if instances.has("pred_cells") else None
+            sims = agnostic_similarity(query_out, instances.pred_embeds, cells)
         boxes = instances.pred_boxes.tensor.cpu().tolist()
         scores = instances.scores.cpu().tolist()
         image = frame.image if keep_frames else None
