@@ -15,8 +15,8 @@ def add_qeeps_config(cfg):
     _C.MODEL.QEEPS = CN()
     # Dimension of the L2-normalised re-identification embedding (the OIM feature).
     _C.MODEL.QEEPS.EMBED_DIM = 256
-    # Run the network's convolutions in channels-last (NHWC) memory format: weights converted
-    # when the model is built, backbone inputs on entry. Same results up to float rounding;
+    # Run the network's convolutions in channels-last (NHWC) memory format (their weights are
+    # converted when the model is built; activations follow). Same results up to float rounding;
     # on the CPU (oneDNN) faster (benchmarks/channels_last.py); SynthPS configs turn it on.
     _C.MODEL.QEEPS.CHANNELS_LAST = False
     # Which res5 ClsNet and RegNet read: "shared" = the identity path's (the paper's ClsIdenNet,

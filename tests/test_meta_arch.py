@@ -344,3 +344,45 @@ def test_pair_training_embeds_the_queries_as_at_test_time(row):
     assert torch.allclose(seen["train"], seen["eval"], atol=1e-5)
     assert all(torch.isfinite(v) for v in losses.values())
     assert heads.reid_head.proj.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("row", ["oim", "qeeps"])
+def test_channels_last_gives_the_default_layouts_results(row):
+    """MODEL.QEEPS.CHANNELS_LAST: weights and backbone activations channels-last, the same
+    outputs (float rounding) and gradients as the default layout with the same weights."""
+    ref = _eval_model(row)
+    cfg = model_fixtures.tiny_cfg(*TABLE1[row])
+    cfg.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE = 64
+    cfg.MODEL.ROI_HEADS.POSITIVE_FRACTION = 1.0
+    cfg.MODEL.QEEPS.QSIMNET.MIN_DET_SCORE = 0.01
+    cfg.MODEL.QEEPS.CHANNELS_LAST = True
+    model = build_model(cfg)
+    model.load_state_dict(ref.state_dict())
+    conv = model.backbone.res2[0].conv2.weight  # 3x3: a 1x1 kernel is both layouts at once
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    x = torch.randn(2, 3, 64, 96)
+    feats = model.eval().backbone(x)
+    assert all(f.is_contiguous(memory_format=torch.channels_last) for f in feats.values())
+    # the stem's channels-last max-pool keeps that layout (no round trip through NCHW)
+    assert model.backbone.stem(x).is_contiguous(memory_format=torch.channels_last)
+    inputs = model_fixtures.pair_inputs(with_gt=False) if ref.query_guided else \
+        model_fixtures.scene_inputs(with_gt=False)
+    with torch.no_grad():
+        want, got = ref.eval()(inputs), model(inputs)
+    for a, b in zip(want, got):
+        a, b = a["instances"], b["instances"]
+        assert len(a) == len(b) > 0
+        assert torch.allclose(a.pred_boxes.tensor, b.pred_boxes.tensor, atol=1e-3)
+        assert torch.allclose(a.pred_embeds, b.pred_embeds, atol=1e-4)
+    train = model_fixtures.pair_inputs() if ref.query_guided else model_fixtures.scene_inputs()
+    want, got = _train_step(ref, train), _train_step(model, train)
+    for key in want:
+        assert float(got[key]) == pytest.approx(float(want[key]), rel=1e-3, abs=1e-5), key
+    # gradients through the backbone (the training step's own differ more: near-tied proposals
+    # can swap under float rounding, and the sampled ROIs with them)
+    for m in (ref, model):
+        m.zero_grad()
+        m.train()
+        sum((f ** 2).mean() for f in m.backbone(x).values()).backward()
+    g_ref, g_cl = ref.backbone.res3[0].conv2.weight.grad, model.backbone.res3[0].conv2.weight.grad
+    assert torch.allclose(g_ref, g_cl, rtol=1e-3, atol=1e-4 * float(g_ref.abs().max()))

@@ -67,9 +67,8 @@ class QEEPS(GeneralizedRCNN):
         self.query_guided = query_guided
         self.oim_start_iter = oim_start_iter
         self.oim_warmup_iters = oim_warmup_iters
-        if channels_last:  # MODEL.QEEPS.CHANNELS_LAST: weights and backbone inputs NHWC
-            self.to(memory_format=torch.channels_last)
-            self.backbone.memory_format = torch.channels_last
+        if channels_last:  # MODEL.QEEPS.CHANNELS_LAST: convolution weights NHWC, so oneDNN / cuDNN
+            self.to(memory_format=torch.channels_last)  # give their outputs that layout too
 
     @classmethod
     def from_config(cls, cfg):

@@ -187,13 +187,7 @@ class QSSEResNet(ResNet):
     each block squeezes every image over its own valid region only: ``ceil(h / s) x ceil(w / s)``
     at the block's cumulative stride s, the extent of the feature map of that image unpadded
     (the stem's stride-2 conv and max-pool and every stride-2 conv map n to ceil(n / 2)).
-
-    ``memory_format``: the layout every entry point (``forward``, ``forward_to``,
-    ``forward_from``) gives its input; channels-last with MODEL.QEEPS.CHANNELS_LAST (set by the
-    meta architecture, which also converts the weights).
     """
-
-    memory_format = torch.contiguous_format
 
     @property
     def qsse_blocks(self) -> List[_QSSEMixin]:
@@ -240,12 +234,12 @@ class QSSEResNet(ResNet):
             image_sizes = torch.stack([torch.as_tensor(tuple(s), dtype=torch.int64)
                                        for s in image_sizes]).to(x.device)
         with self._paired(num_pairs, image_sizes):
-            return super().forward(x.contiguous(memory_format=self.memory_format))
+            return super().forward(x)
 
 
     def forward_to(self, x: torch.Tensor, stage: str) -> torch.Tensor:
         """(N, 3, H, W) images -> the output of ``stage`` (single stream; later stages skipped)."""
-        x = self.stem(x.contiguous(memory_format=self.memory_format))
+        x = self.stem(x)
         for name, st in zip(self.stage_names, self.stages):
             x = st(x)
             if name == stage:
@@ -289,7 +283,6 @@ class QSSEResNet(ResNet):
             raise ValueError("forward_from after a paired forward needs each row's image_index")
         for src, dst in paired:
             dst.row_gates = src.gates[image_index]
-        x = x.contiguous(memory_format=self.memory_format)
         try:
             for st in stages:
                 x = st(x)
