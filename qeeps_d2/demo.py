@@ -104,7 +104,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description="QEEPS-D2 demo: SynthPS, OIM vs QEEPS")
     parser.add_argument("--output", "--out", dest="out", default="output/demo", help="output folder")
     parser.add_argument("--queries", type=int, default=8, help="queries shown in the report")
-    parser.add_argument("--cascade-topk", type=int, default=20, metavar="K",
+    parser.add_argument("--cascade-topk", type=int, default=30, metavar="K",
                         help="evaluate QEEPS as a cascade: query-agnostic first stage, then the "
                              "K best gallery images per query as pairs (0 = every pair: 6,000 "
                              "pairs, about 8 min on 2 CPU cores)")

@@ -465,3 +465,11 @@ def test_cascade_eval_tool_on_the_cuhk_fixture(tmp_path, monkeypatch, capsys):
     assert run("bad", "--gallery-sizes", "100", "--exhaustive-results",
                results("G100_cascade1")) == 2
     assert "expected an exhaustive 'pairs' results file" in capsys.readouterr().err
+    # a saved demo config has no test set: a usage error naming the fix, not an IndexError
+    cfg = eval_cfg(True, 0, str(tmp_path / "unused"))
+    cfg.defrost()
+    cfg.DATASETS.TEST = ()
+    config.write_text(cfg.dump())
+    capsys.readouterr()
+    assert run("none", "--gallery-sizes", "100") == 2
+    assert "DATASETS.TEST is empty" in capsys.readouterr().err

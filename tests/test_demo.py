@@ -23,7 +23,7 @@ TINY = [
     "PRETRAIN.CROP_BATCH", "8", "PRETRAIN.ROI_ITERS", "1", "PRETRAIN.ROI_BATCH", "2",
 ]
 EVAL_DIRS = {"OIM": os.path.join("oim", "eval_G100"),
-             "QEEPS (cascade, K=20)": os.path.join("qeeps", "eval_G100_cascade20")}
+             "QEEPS (cascade, K=30)": os.path.join("qeeps", "eval_G100_cascade30")}
 RESULTS = os.path.join("inference", "synthps_test_results.json.gz")
 
 
@@ -119,10 +119,10 @@ def test_demo_end_to_end_at_minimal_size(tmp_path, monkeypatch, capsys):
     out = tmp_path / "demo"
     assert demo.main(["--out", str(out), "--queries", "2", *TINY]) == 0
     printed = capsys.readouterr().out
-    assert "| OIM |" in printed and "| QEEPS (cascade, K=20) |" in printed
+    assert "| OIM |" in printed and "| QEEPS (cascade, K=30) |" in printed
     assert "QEEPS - OIM" in printed
     _check_table_numbers(printed, out)
-    metrics = out / "qeeps" / "eval_G100_cascade20" / "inference" / "synthps_test_metrics.json"
+    metrics = out / "qeeps" / "eval_G100_cascade30" / "inference" / "synthps_test_metrics.json"
     assert json.loads(metrics.read_text())["mode"] == "cascade"
     report = out / "report.html"
     html = report.read_text()
@@ -137,7 +137,7 @@ def test_demo_end_to_end_at_minimal_size(tmp_path, monkeypatch, capsys):
     assert demo.main(["--out", str(out), "--queries", "1", *TINY]) == 0
     assert os.path.getmtime(out / "oim" / "model_final.pth") == mtime
     got = _check_table_numbers(capsys.readouterr().out, out, with_metrics=False)
-    oim, qeeps = got["OIM"], got["QEEPS (cascade, K=20)"]
+    oim, qeeps = got["OIM"], got["QEEPS (cascade, K=30)"]
     assert 0 < oim[2] < oim[0] < qeeps[2] < qeeps[0] == 100.0
     assert qeeps[1] == 100.0 and oim[1] == 0.0
     # exhaustive evaluation is a separate result, not the cascade one reused

@@ -102,7 +102,7 @@ class FakeModel:
         return outputs
 
 
-def _run(mode, tmp_path, query_indices=None, skip=()):
+def _run(mode, tmp_path, query_indices=None, skip=(), model=None):
     protocol = _protocol()
     records = build_search_records(protocol, mode, query_indices)
     records = [r for r in records if r["image_id"] not in skip]
@@ -110,7 +110,7 @@ def _run(mode, tmp_path, query_indices=None, skip=()):
     evaluator = PersonSearchEvaluators(
         DATASET, protocol, output_dir=str(tmp_path), query_indices=query_indices
     )
-    return inference_on_dataset(FakeModel(), batches, evaluator)
+    return inference_on_dataset(model or FakeModel(), batches, evaluator)
 
 
 def test_agnostic_mode_hand_computed(tmp_path):
@@ -138,6 +138,47 @@ def test_agnostic_mode_hand_computed(tmp_path):
     np.testing.assert_allclose(q1.gallery["b.jpg"], expected, rtol=1e-6)
     # the 0.3-score detection of a.jpg is below det_thresh: not written
     assert written.gallery_detections["a.jpg"].shape == (2, 5)
+
+
+class FakeLocalModel(FakeModel):
+    """FakeModel's outputs plus a fitted local head's: cells of every gallery detection
+    (``pred_cells``) and of every query box (``query_cells``, with ``local_params``)."""
+
+    def __init__(self, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        unit = lambda *s: torch.nn.functional.normalize(torch.randn(*s, generator=g), dim=-1)  # noqa
+        self.cells = {n: unit(len(rows), 3, 4) for n, rows in GALLERY_OUT.items()}
+        self.query_cells = {i: unit(3, 4) for i in QUERY_OUT}
+        self.params = torch.tensor([0.2, 0.5])
+
+    def __call__(self, inputs):
+        outputs = super().__call__(inputs)
+        for x, out in zip(inputs, outputs):
+            if "query_embed" in out:
+                out.update(query_cells=self.query_cells[x["query_index"]], local_params=self.params)
+            else:
+                out["instances"].pred_cells = self.cells[x["image_id"]]
+        return outputs
+
+
+def test_agnostic_rows_score_with_the_local_head_when_outputs_carry_cells(tmp_path):
+    from qeeps_d2.modeling.local_similarity import agnostic_similarity
+
+    model = FakeLocalModel()
+    _run("agnostic", tmp_path, model=model)
+    written = read_results(str(tmp_path / f"{DATASET}_results.json.gz"))
+    for i, q in enumerate(written.queries):
+        query = {"query_embed": torch.tensor(QUERY_OUT[i]),
+                 "query_cells": model.query_cells[i], "local_params": model.params}
+        for name, rows in q.gallery.items():
+            out = torch.tensor(GALLERY_OUT[name], dtype=torch.float32)
+            kept = out[:, 4] >= 0.5
+            expected = agnostic_similarity(query, out[kept, 5:], model.cells[name][kept])
+            np.testing.assert_allclose(rows[:, 5], expected.numpy(), atol=1e-6)
+            np.testing.assert_allclose(rows[:, :5], out[kept, :5].numpy(), atol=1e-5)
+    # the cosine rows of test_agnostic_mode_hand_computed are not these
+    assert not np.allclose(written.queries[1].gallery["b.jpg"][:, 5], [1.0, 0.96], atol=1e-2)
 
 
 def test_pairs_mode_hand_computed(tmp_path):

@@ -221,3 +221,95 @@ def test_description_batches_equal_size_images_without_changing_them(tmp_path):
     assert float((one[0] - three[0]).abs().max()) <= 1e-5 * float(one[0].abs().max())
     assert torch.allclose(one[1], three[1], atol=1e-5)
     assert model.training  # left as it was
+
+
+def test_agnostic_similarity_is_the_head_with_cells_and_the_cosine_without():
+    from qeeps_d2.modeling.local_similarity import agnostic_similarity
+
+    head = LocalSimilarity(in_channels=4, dim=3)
+    with torch.no_grad():
+        head.log_tau.fill_(math.log(0.5))
+        head.alpha.fill_(0.25)
+    assert head.params().tolist() == pytest.approx([0.5, 0.25])
+    rng = np.random.default_rng(1)
+    q, g = _unit(rng.normal(size=(2, 3))), _unit(rng.normal(size=(4, 2, 3)))
+    eq, eg = _unit(rng.normal(size=5)), _unit(rng.normal(size=(4, 5)))
+    t = lambda a: torch.tensor(a, dtype=torch.float32)  # noqa: E731
+    query = {"query_embed": t(eq), "query_cells": t(q), "local_params": head.params()}
+    got = agnostic_similarity(query, t(eg), t(g))
+    expected = [_reference(q, g[i], eq, eg[i], 0.5, 0.25) for i in range(4)]
+    np.testing.assert_allclose(got.numpy(), expected, atol=1e-6)
+    assert not np.allclose(expected, eg @ eq, atol=1e-2)  # the cosine would be another score
+    # either side without cells: the cosine
+    cosine = eg @ eq
+    np.testing.assert_allclose(agnostic_similarity(query, t(eg)).numpy(), cosine, atol=1e-6)
+    np.testing.assert_allclose(agnostic_similarity({"query_embed": t(eq)}, t(eg), t(g)).numpy(),
+                               cosine, atol=1e-6)
+    assert agnostic_similarity(query, torch.zeros(0, 5), torch.zeros(0, 2, 3)).shape == (0,)
+
+
+def _agnostic_inputs():
+    pair = _pair_inputs()[0]
+    gallery = {k: pair[k] for k in ("image", "height", "width", "given_boxes")}
+    query = {"image": pair["query_image"], "query_box": pair["query_box"], "height": pair["height"],
+             "width": pair["width"], "query_index": 0}
+    return gallery, query
+
+
+def test_query_agnostic_outputs_carry_cells_once_fitted_and_score_as_the_head():
+    """The cascade's first stage: gallery detections (given boxes and the detector's own) and
+    query boxes come with the fitted head's cells, and agnostic_similarity on them is the head's
+    score of the same boxes described directly."""
+    from qeeps_d2.modeling.local_similarity import agnostic_similarity
+
+    torch.manual_seed(0)
+    # normalised activations, so that the random detector detects something
+    model = model_fixtures.settle_batchnorm(build_model(_cfg()), model_fixtures.scene_inputs())
+    heads = model.roi_heads
+    gallery, query = _agnostic_inputs()
+    detect = {k: v for k, v in gallery.items() if k != "given_boxes"}
+    with torch.no_grad():
+        given, q_out, found = model([gallery, query, detect])
+        assert not given["instances"].has("pred_cells") and not found["instances"].has("pred_cells")
+        assert set(q_out) == {"query_embed"}
+        heads.local_sim.fitted_flag.fill_(1)
+        given, q_out, found = model([gallery, query, detect])
+        cells = given["instances"].pred_cells
+        assert cells.shape == (2, 6 * 3, heads.local_sim.proj.out_features)
+        assert found["instances"].pred_cells.shape[0] == len(found["instances"]) > 0
+        assert set(q_out) == {"query_embed", "query_cells", "local_params"}
+        got = agnostic_similarity(q_out, given["instances"].pred_embeds, cells)
+        # the same boxes described from the backbone features directly
+        q_feats = model.backbone(model.preprocess_image([query]).tensor)
+        q_embeds, q_cells = heads.describe_boxes(q_feats, model._query_boxes([query]))
+        g_feats = model.backbone(model.preprocess_image([gallery]).tensor)
+        g_embeds, g_cells = heads._describe_per_image(g_feats, [Boxes(gallery["given_boxes"])])
+        expected = heads.local_sim(q_cells, g_cells[0], q_embeds, g_embeds[0])
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert not torch.allclose(got, given["instances"].pred_embeds @ q_out["query_embed"], atol=1e-3)
+
+
+def test_searcher_scores_query_agnostic_detections_with_the_head():
+    from detectron2.structures import Instances
+
+    from qeeps_d2.modeling.local_similarity import agnostic_similarity
+    from qeeps_d2.search.gallery import GalleryFrame
+    from qeeps_d2.search.searcher import PersonSearcher
+
+    cfg = _cfg()
+    torch.manual_seed(0)
+    searcher = PersonSearcher(cfg, build_model(cfg))
+    g = torch.Generator().manual_seed(0)
+    unit = lambda *s: torch.nn.functional.normalize(torch.randn(*s, generator=g), dim=-1)  # noqa
+    inst = Instances((64, 96))
+    inst.pred_boxes = Boxes(torch.tensor([[1.0, 2, 30, 60], [40, 2, 70, 60], [5, 5, 9, 9]]))
+    inst.scores = torch.tensor([0.9, 0.8, 0.1])  # the last is below DET_THRESH
+    inst.pred_embeds, inst.pred_cells = unit(3, 16), unit(3, 18, 8)
+    query = {"query_embed": unit(16), "query_cells": unit(18, 8),
+             "local_params": torch.tensor([0.1, 0.5])}
+    frame = GalleryFrame("f.jpg", None, 0)
+    matches = searcher._matches(frame, inst, query, keep_frames=False)
+    expected = agnostic_similarity(query, inst.pred_embeds[:2], inst.pred_cells[:2])
+    np.testing.assert_allclose([m.similarity for m in matches], expected.numpy(), atol=1e-6)
+    assert not np.allclose([m.similarity for m in matches],
+                           (inst.pred_embeds[:2] @ query["query_embed"]).numpy(), atol=1e-3)

@@ -83,6 +83,9 @@ class _Runner:
         if not is_query_guided(cfg):
             raise UsageError(f"--config {args.config_file}: not a query-guided model (QSSE, QRPN and "
                              "QSimNet are off); its evaluation already runs each image once")
+        if not cfg.DATASETS.TEST:
+            raise UsageError(f"--config {args.config_file}: DATASETS.TEST is empty (a demo's saved "
+                             "config has none): add --opts DATASETS.TEST '(\"synthps_test\",)'")
         self.dataset = cfg.DATASETS.TEST[0]
         self.det_thresh = cfg.TEST.PERSON_SEARCH.DET_THRESH
         self.model = Trainer.build_model(cfg)

@@ -15,10 +15,11 @@ the file records this threshold as ``"min_det_score"``.
 ``evaluate()`` gathers everything on the main process, builds each evaluated query's rows
 ``[x1, y1, x2, y2, score, similarity]`` per gallery image (query-agnostic outputs: similarity =
 ``pred_embeds @ query_embed``, or the local head's score when both sides have cells, see
-:func:`qeeps_d2.modeling.local_similarity.agnostic_similarity`), writes ``<output_dir>/<dataset_name>_results.json.gz`` and scores
-it with :mod:`qeeps_d2.evaluation.search_metrics`. A gallery image (or pair) without output
-counts as "no detection"; missing outputs are reported with a warning since they usually mean a
-bug. Proposal recall and detection AP are other evaluators' (:mod:`.proposal_recall`,
+:func:`qeeps_d2.modeling.local_similarity.agnostic_similarity`), writes
+``<output_dir>/<dataset_name>_results.json.gz`` and scores it with
+:mod:`qeeps_d2.evaluation.search_metrics`. A gallery image (or pair) without output counts as
+"no detection"; missing outputs are reported with a warning since they usually mean a bug.
+Proposal recall and detection AP are other evaluators' (:mod:`.proposal_recall`,
 :mod:`.detection_evaluator`); :func:`qeeps_d2.evaluation.build.build_person_search_evaluator`
 combines the three.
 
@@ -151,15 +152,16 @@ class PersonSearchEvaluator(DatasetEvaluator):
         # image_id -> (boxes (N,4), scores (N,), embeds (N,D), cells (N,P,d) or None);
         # query index -> its output ({"query_embed": (D,), ...} as numpy arrays);
         # (query index, image_id) -> (N, 6) rows.
-        self._gallery: Dict[str, Tuple[np.ndarray, np.ndarray, np.ndarray, Optional[np.ndarray]]] = {}
-        self._query_embeds: Dict[int, Dict[str, np.ndarray]] = {}
+        self._gallery: Dict[str, Tuple[np.ndarray, np.ndarray, np.ndarray,
+                                       Optional[np.ndarray]]] = {}
+        self._queries: Dict[int, Dict[str, np.ndarray]] = {}
         self._pairs: Dict[Tuple[int, str], np.ndarray] = {}
 
     def process(self, inputs, outputs):
         for inp, out in zip(inputs, outputs):
             kind = record_kind(inp)
             if kind == "query":
-                self._query_embeds[int(inp["query_index"])] = {
+                self._queries[int(inp["query_index"])] = {
                     k: to_numpy(out[k]) for k in ("query_embed", "query_cells", "local_params")
                     if k in out}
                 continue
@@ -177,13 +179,13 @@ class PersonSearchEvaluator(DatasetEvaluator):
         if not self.distributed:
             return True
         comm.synchronize()
-        parts = comm.gather((self._gallery, self._query_embeds, self._pairs), dst=0)
+        parts = comm.gather((self._gallery, self._queries, self._pairs), dst=0)
         if not comm.is_main_process():
             return False
         self.reset()
         for gallery, queries, pairs in parts:
             self._gallery.update(gallery)
-            self._query_embeds.update(queries)
+            self._queries.update(queries)
             self._pairs.update(pairs)
         return True
 
@@ -210,13 +212,13 @@ class PersonSearchEvaluator(DatasetEvaluator):
         for i in self.query_indices:
             gallery = {}
             present = [n for n in dict.fromkeys(self.protocol.gallery(i).images) if n in starts]
-            if i in self._query_embeds and present:
+            if i in self._queries and present:
                 # rows of this query's gallery images only, one block per image
                 lengths = np.array([count[n] for n in present], dtype=np.int64)
                 ends = np.cumsum(lengths)
                 first = np.array([starts[n] for n in present], dtype=np.int64)
                 idx = np.repeat(first - (ends - lengths), lengths) + np.arange(ends[-1])
-                query = {k: torch.from_numpy(v) for k, v in self._query_embeds[i].items()}
+                query = {k: torch.from_numpy(v) for k, v in self._queries[i].items()}
                 t = torch.from_numpy(idx)
                 sims = agnostic_similarity(query, embeds[t], None if cells is None else cells[t])
                 sims = sims.numpy().astype(np.float64)
@@ -225,7 +227,7 @@ class PersonSearchEvaluator(DatasetEvaluator):
             results.append(QueryResult(i, self.protocol.queries[i].image, gallery))
         self._warn_missing(
             "queries have no query embedding; they score 0",
-            [i for i in self.query_indices if i not in self._query_embeds],
+            [i for i in self.query_indices if i not in self._queries],
             len(self.query_indices),
         )
         wanted = self.protocol.gallery_images(self.query_indices)
@@ -275,7 +277,7 @@ class PersonSearchEvaluator(DatasetEvaluator):
         logger.info(
             "Cascade stage 1 on %s (query-agnostic, %d gallery images, %d query boxes%s): "
             "mAP %.2f  top-1 %.2f; re-scoring the top %d images per query: %d pairs",
-            self.protocol.name, len(self._gallery), len(self._query_embeds),
+            self.protocol.name, len(self._gallery), len(self._queries),
             ", ground-truth boxes" if self.use_gt_boxes else "",
             self.cascade.first_stage_map, self.cascade.first_stage_top1, self.cascade.topk,
             sum(len(v) for v in shortlist.values()),
@@ -316,7 +318,7 @@ class PersonSearchEvaluator(DatasetEvaluator):
             return {}
         if not self._gather():
             return {}
-        if self._pairs and self._query_embeds:
+        if self._pairs and self._queries:
             raise ValueError(
                 f"{self.dataset_name}: outputs mix query-agnostic queries and query-gallery "
                 "pairs; evaluate one kind of model at a time"
