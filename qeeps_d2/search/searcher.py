@@ -7,7 +7,9 @@ Search modes, chosen by the config (``qeeps_d2.config.is_query_guided``) and ``s
 - query-guided model (QSSE / QRPN / QSimNet on): every gallery frame is run as a (query, frame)
   pair, ``batch_size`` pairs per forward, similarity = the model's ``pred_sims``;
 - cascade (``search(..., cascade_topk=K)``, query-guided models): the same network first runs
-  query-agnostically (as the OIM baseline: every frame once, embeddings), keeping the K frames
+  query-agnostically (as the OIM baseline: every frame once, embeddings; with a fitted local
+  similarity head its score of the cells those forwards also give,
+  :func:`~qeeps_d2.modeling.local_similarity.agnostic_similarity`), keeping the K frames
   with the best detection similarity (ties: earlier frame; only those K frames are held in
   memory), then re-scores those K frames as pairs. As in cascade evaluation
   (:mod:`qeeps_d2.evaluation.cascade`), matches of the other frames keep their first-stage
