@@ -352,7 +352,8 @@ class QEEPSROIHeads(Res5ROIHeads):
             ``pred_boxes`` (the box), ``scores`` (ClsNet person probability), ``pred_classes``
             (0), ``pred_embeds`` (M_i, D) and, with a query, ``pred_sims`` (M_i,) (see
             :meth:`query_similarity`: the fitted local head's score, QSimNet's probability, or
-            the cosine with the query embedding).
+            the cosine with the query embedding); without a query and with a fitted local head,
+            ``pred_cells`` (M_i, P, d).
         """
         num = [len(p) for p in proposals]
         boxes = [p.proposal_boxes for p in proposals]
@@ -402,7 +403,8 @@ class QEEPSROIHeads(Res5ROIHeads):
         Returns:
             training: ([], losses) with loss_cls, loss_box_reg, loss_oim (+ loss_sim).
             inference: (list of B Instances with pred_boxes, scores, pred_classes, pred_embeds
-            and, with a query, pred_sims), {}.
+            and, with a query, pred_sims; without one and with a fitted local head, pred_cells
+            (N, P, d)), {}.
         """
         del images
         if self.training:
