@@ -324,10 +324,11 @@ class QEEPSROIHeads(Res5ROIHeads):
         return embeds @ query_embeds[0]
 
     def _describe_per_image(self, features: Dict[str, torch.Tensor], boxes: List[Boxes]):
-        """Embeddings and (with the local head) cells of given boxes per image: two lists of
-        (M_i, D) and (M_i, P, d) (None entries without the local head)."""
+        """Embeddings and (with a fitted local head) cells of given boxes per image: two lists of
+        (M_i, D) and (M_i, P, d) (None entries without a fitted head, and while traced for ONNX
+        export, which exports the embeddings only)."""
         num = [len(b) for b in boxes]
-        if self.local_sim is None or not sum(num):
+        if not self.local_fitted or torch.jit.is_tracing() or not sum(num):
             return self._embed_per_image(features, boxes), [None] * len(num)
         pooled, maps = self.box_features(features, boxes, return_map=True)
         return list(self.embed(pooled).split(num)), list(self.local_sim.cells(maps).split(num))
@@ -361,7 +362,7 @@ class QEEPSROIHeads(Res5ROIHeads):
         if sum(num):
             feats = self.det_box_features(features, boxes)
             probs = self.box_predictor.predict_probs(self.box_predictor(feats), proposals)
-            if query_cells is not None or (query_embeds is None and self.local_fitted):
+            if self.local_fitted:  # cells for the pair score, or pred_cells without a query
                 embeds, cells = self._describe_per_image(features, boxes)
             else:
                 embeds = (self._embed_per_image(features, boxes) if self.separate_det_head
@@ -475,13 +476,12 @@ class QEEPSROIHeads(Res5ROIHeads):
             cells = [None] * len(results)
             if embeds is not None:
                 per_image = [e[k] for e, k in zip(embeds.split(num_per_image), kept)]
-            elif self.local_fitted and query_embeds is None and not torch.jit.is_tracing():
-                # query-agnostic detections carry the local head's cells (pred_cells): a
-                # cascade's first stage ranks them with the head (agnostic_similarity)
+            else:
+                # with a fitted local head the detections also carry its cells (pred_cells): a
+                # cascade's first stage ranks them with it (agnostic_similarity); in this branch
+                # a query (pair mode) means no QSimNet, hence no local head and no cells
                 per_image, cells = self._describe_per_image(
                     features, [r.pred_boxes for r in results])
-            else:
-                per_image = self._embed_per_image(features, [r.pred_boxes for r in results])
             for res, emb, cel in zip(results, per_image, cells):
                 res.pred_embeds = emb
                 if cel is not None:
