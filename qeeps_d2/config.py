@@ -104,11 +104,12 @@ def add_qeeps_config(cfg):
     # else's negative; QSimNet's BatchNorm statistics then come from people, as at inference,
     # where it ranks detections) instead of on every sampled ROI (False, background included).
     _C.MODEL.QEEPS.QSIMNET.LOSS_ON_PEOPLE = False
-    # At inference, detections with a ClsNet score below this are removed before the
-    # QSimNet-driven NMS. -1 = TEST.PERSON_SEARCH.DET_THRESH: the protocol's threshold acts
-    # before the NMS. 0.01 = the paper's 10^-2; the evaluation then drops detections below
-    # DET_THRESH only after the NMS, so a poorly detected box very similar to the query can
-    # suppress the target and then be dropped itself.
+    # Pair-mode inference (every query-guided model, with or without QSimNet): detections with
+    # a ClsNet score below this are removed before the NMS ranked by the query similarity.
+    # -1 = TEST.PERSON_SEARCH.DET_THRESH: the protocol's threshold acts before the NMS. 0.01 =
+    # the paper's 10^-2 (for QSimNet); the evaluation then drops detections below DET_THRESH
+    # only after the NMS, so a poorly detected box very similar to the query can suppress the
+    # target and then be dropped itself.
     _C.MODEL.QEEPS.QSIMNET.MIN_DET_SCORE = -1.0
     # Local similarity (qeeps_d2/modeling/local_similarity.py): QSimNet rows score each gallery
     # box by matching the query's identity-path cells (the map before res5) to the box's, plus

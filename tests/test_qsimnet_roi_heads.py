@@ -172,11 +172,13 @@ def test_inference_without_qsimnet_uses_cosine_similarity():
         assert torch.allclose(res.pred_embeds.norm(dim=1), torch.ones(len(res)), atol=1e-5)
     for res, q in zip(with_query, query_embeds):
         assert set(res.get_fields()) == PAIR_FIELDS
-        assert torch.allclose(res.pred_sims, res.pred_embeds @ q)
+        assert torch.allclose(res.pred_sims, res.pred_embeds @ q, atol=1e-6)
+        # ranked by the cosine (the query-ranked NMS keeps them in that order)
+        assert torch.equal(res.pred_sims, res.pred_sims.sort(descending=True).values)
 
 
-def _qsimnet_inference(monkeypatch, heads, boxes, det, sims):
-    """QSimNet-mode inference of ``heads`` on one image whose proposals ``boxes`` get exactly
+def _pair_inference(monkeypatch, heads, boxes, det, sims):
+    """Pair-mode inference of ``heads`` on one image whose proposals ``boxes`` get exactly
     these ClsNet scores ``det`` and query similarities ``sims`` (zero box deltas)."""
     heads.eval()
     with torch.no_grad():  # zero box deltas: predicted boxes = the proposals
@@ -189,8 +191,9 @@ def _qsimnet_inference(monkeypatch, heads, boxes, det, sims):
     )
     # the head scores only the candidates that pass its ClsNet cut, in proposal order
     candidates = det >= heads.min_det_score
-    monkeypatch.setattr(heads.qsimnet, "similarity",
-                        lambda q, g: sims[candidates][: len(g)] if len(g) == candidates.sum()
+    monkeypatch.setattr(heads, "query_similarity",
+                        lambda q, g, qc=None, c=None: sims[candidates][: len(g)]
+                        if len(g) == candidates.sum()
                         else pytest.fail("similarity not called on exactly the candidates"))
     features = {"res4": torch.rand(1, 128, 4, 6)}
     query = F.normalize(torch.randn(1, EMBED_DIM), dim=1)
@@ -199,13 +202,15 @@ def _qsimnet_inference(monkeypatch, heads, boxes, det, sims):
     return res
 
 
-def test_qsimnet_inference_filters_on_det_score_and_nms_on_similarity(monkeypatch):
+@pytest.mark.parametrize("qsimnet", [True, False])
+def test_pair_inference_filters_on_det_score_and_nms_on_similarity(monkeypatch, qsimnet):
     """A: det 0.9 / sim 0.2; B (IoU 0.88 with A): det 0.5 / sim 0.8; C: det 0.005 / sim 0.99;
     D: det 0.02 / sim 0.5. With the paper's MIN_DET_SCORE 0.01, C is dropped, D is kept (the
-    ClsNet's SCORE_THRESH_TEST 0.05 does not apply); NMS on the similarity keeps B over A."""
+    ClsNet's SCORE_THRESH_TEST 0.05 does not apply); NMS on the similarity keeps B over A. The
+    same with or without QSimNet (then the similarity is the cosine): any query ranks the NMS."""
     boxes = [[10, 10, 40, 60], [12, 10, 42, 60], [60, 10, 90, 60], [50, 0, 70, 20]]
-    res = _qsimnet_inference(monkeypatch, _heads(min_det_score=0.01), boxes,
-                             det=[0.9, 0.5, 0.005, 0.02], sims=[0.2, 0.8, 0.99, 0.5])
+    res = _pair_inference(monkeypatch, _heads(qsimnet=qsimnet, min_det_score=0.01), boxes,
+                          det=[0.9, 0.5, 0.005, 0.02], sims=[0.2, 0.8, 0.99, 0.5])
     assert res.pred_boxes.tensor.tolist() == [boxes[1], boxes[3]]
     assert torch.allclose(res.scores, torch.tensor([0.5, 0.02]))
     assert torch.allclose(res.pred_sims, torch.tensor([0.8, 0.5]))
@@ -223,8 +228,8 @@ def test_protocol_det_thresh_acts_before_the_similarity_nms(monkeypatch, min_det
     heads = _heads(min_det_score=min_det_score)
     assert heads.min_det_score == (0.5 if min_det_score < 0 else 0.01)
     target, similar = [10, 10, 40, 60], [12, 10, 42, 60]
-    res = _qsimnet_inference(monkeypatch, heads, [target, similar], det=[0.9, 0.3],
-                             sims=[0.4, 0.95])
+    res = _pair_inference(monkeypatch, heads, [target, similar], det=[0.9, 0.3],
+                          sims=[0.4, 0.95])
     if min_det_score < 0:
         assert res.pred_boxes.tensor.tolist() == [target]
         assert torch.allclose(res.scores, torch.tensor([0.9]))

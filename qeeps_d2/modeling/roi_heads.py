@@ -7,6 +7,10 @@ Per proposal, res5 on the ROI-pooled res4 features, averaged to a (R, C5) vector
 - QSimNet (when enabled and a query is given): similarity of each proposal to the query person,
   trained with a cross-entropy whose positives are the proposals matched to the query person.
 
+At inference without a query the stock score threshold and NMS give the detections; with one
+(pair mode) the query similarity ranks the detections and drives their NMS
+(:meth:`QEEPSROIHeads.query_similarity`: the fitted local head, QSimNet, or the cosine).
+
 The query's own embedding comes from the same res5 + ``reid_head`` applied to the query box on
 the query branch's features (:meth:`QEEPSROIHeads.embed_boxes`), normalised with the running
 statistics also in training.
@@ -471,28 +475,26 @@ class QEEPSROIHeads(Res5ROIHeads):
         rows the detections take (one shared res5); None: the identity path embeds the final
         regressed boxes themselves (separate detection head)."""
         num_per_image = [len(p) for p in proposals]
-        if self.qsimnet is None or query_embeds is None:
+        if query_embeds is None:  # query-agnostic: the stock score threshold and score NMS
             results, kept = self.box_predictor.inference(predictions, proposals)
             cells = [None] * len(results)
             if embeds is not None:
                 per_image = [e[k] for e, k in zip(embeds.split(num_per_image), kept)]
             else:
                 # with a fitted local head the detections also carry its cells (pred_cells): a
-                # cascade's first stage ranks them with it (agnostic_similarity); in this branch
-                # a query (pair mode) means no QSimNet, hence no local head and no cells
+                # cascade's first stage ranks them with it (agnostic_similarity)
                 per_image, cells = self._describe_per_image(
                     features, [r.pred_boxes for r in results])
             for res, emb, cel in zip(results, per_image, cells):
                 res.pred_embeds = emb
                 if cel is not None:
                     res.pred_cells = cel
-            if query_embeds is not None:
-                for res, q in zip(results, query_embeds):
-                    res.pred_sims = res.pred_embeds @ q
             return results
-        # QSimNet mode: ClsNet only removes detections scoring < min_det_score (by default the
-        # protocol's TEST.PERSON_SEARCH.DET_THRESH, see MODEL.QEEPS.QSIMNET.MIN_DET_SCORE); the
-        # query similarity ranks the rest and drives their NMS.
+        # Pair mode (every query-guided model): ClsNet only removes detections scoring <
+        # min_det_score (by default the protocol's TEST.PERSON_SEARCH.DET_THRESH, see
+        # MODEL.QEEPS.QSIMNET.MIN_DET_SCORE); the query similarity (query_similarity: the local
+        # head's, QSimNet's or the cosine) ranks the rest and drives their NMS, so of overlapping
+        # boxes the one most like the query survives (README: query-ranked NMS).
         boxes = self.box_predictor.predict_boxes(predictions, proposals)
         probs = self.box_predictor.predict_probs(predictions, proposals)
         candidates = []
