@@ -197,6 +197,28 @@ def test_pair_scores_come_from_the_fitted_head_only():
     assert torch.allclose(local.pred_sims, expected, atol=1e-5)
 
 
+def test_pair_detections_are_ranked_and_suppressed_by_the_fitted_head():
+    """Pair mode with the model's own detections (the cascade's second stage): each detection's
+    similarity is the fitted head's score of its box, and the NMS kept them in that order."""
+    cfg = _cfg()
+    cfg.MODEL.QEEPS.QSIMNET.MIN_DET_SCORE = 0.0  # random weights: every proposal a candidate
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    heads = model.roi_heads
+    heads.local_sim.fitted_flag.fill_(1)
+    inp = _pair_inputs()
+    del inp[0]["given_boxes"]
+    with torch.no_grad():
+        out = model(inp)[0]["instances"]
+        images, feats, q_feats, q_boxes = model._siamese_features(inp)
+        q_embeds, q_cells = heads.describe_boxes(q_feats, q_boxes)
+        embeds, cells = heads._describe_per_image(feats, [out.pred_boxes])
+        expected = heads.local_sim(q_cells, cells[0], q_embeds, embeds[0])
+    assert len(out) > 1
+    assert torch.allclose(out.pred_sims, expected, atol=1e-4)
+    assert torch.equal(out.pred_sims, out.pred_sims.sort(descending=True).values)
+
+
 def test_description_batches_equal_size_images_without_changing_them(tmp_path):
     from qeeps_d2.data.datasets.cuhk_sysu import load_cuhk_sysu
     from qeeps_d2.data.mapper import PersonSearchMapper
