@@ -506,13 +506,11 @@ class QEEPSROIHeads(Res5ROIHeads):
                 (det >= self.min_det_score) & torch.isfinite(bxs.tensor).all(dim=1)
             ).squeeze(1)
             candidates.append((bxs[keep], det[keep], keep))
-        cand_cells = [None] * len(candidates)
-        if query_cells is not None:
+        if embeds is None:  # as in the query-agnostic branch: cells iff a fitted local head
             cand_embeds, cand_cells = self._describe_per_image(features, [c[0] for c in candidates])
-        elif embeds is None:
-            cand_embeds = self._embed_per_image(features, [c[0] for c in candidates])
         else:
             cand_embeds = [e[c[2]] for e, c in zip(embeds.split(num_per_image), candidates)]
+            cand_cells = [None] * len(candidates)
         results = []
         for i, (p, (bxs, det, _), emb, cel) in enumerate(
                 zip(proposals, candidates, cand_embeds, cand_cells)):
